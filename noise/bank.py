@@ -1,0 +1,127 @@
+"""Pattern banks: L textures of M x M per colour, generated once and cached on disk as npz."""
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from noise.textures import DEFAULT_ITERATIONS, DEFAULT_SIGMA, DEFAULT_SIGMAS, check_colour, colour_noise
+
+log = logging.getLogger(__name__)
+
+BANK_VERSION = 1  # bump when the generator changes, so stale caches are regenerated
+DEFAULT_COUNT = 64  # textures per bank
+DEFAULT_SIZE = 64  # M: a 14 x 14 crop has 64 * 64 offsets (wrap-around) x 4 flips per texture
+
+
+def default_cache_dir() -> Path:
+    """``$COLORMAE_CACHE/banks`` when that variable is set, else ``~/.cache/colormae/banks``."""
+    root = os.environ.get("COLORMAE_CACHE")
+    return Path(root) / "banks" if root else Path.home() / ".cache" / "colormae" / "banks"
+
+
+def bank_params(
+    colour: str,
+    *,
+    count: int = DEFAULT_COUNT,
+    size: int = DEFAULT_SIZE,
+    seed: int = 0,
+    iterations: int = DEFAULT_ITERATIONS,
+    sigma: float = DEFAULT_SIGMA,
+    sigmas: tuple[float, float] = DEFAULT_SIGMAS,
+) -> dict:
+    """Everything that determines a bank (what is stored with it and logged with a run)."""
+    check_colour(colour)
+    return {
+        "colour": colour,
+        "count": int(count),
+        "size": int(size),
+        "seed": int(seed),
+        "iterations": int(iterations),
+        "sigma": float(sigma),
+        "sigmas": [float(s) for s in sigmas],
+        "version": BANK_VERSION,
+    }
+
+
+def generate_bank(params: dict) -> np.ndarray:
+    """Generate the textures described by ``bank_params(...)`` (no caching)."""
+    shape = (params["count"], params["size"], params["size"])
+    return colour_noise(
+        params["colour"],
+        shape,
+        seed=params["seed"],
+        iterations=params["iterations"],
+        sigma=params["sigma"],
+        sigmas=tuple(params["sigmas"]),
+    )
+
+
+def _read_cache(path: Path, params: dict) -> np.ndarray | None:
+    """The cached textures when ``path`` holds a readable bank with exactly these parameters."""
+    try:
+        with np.load(path) as data:
+            if json.loads(str(data["params"])) == params:
+                return data["textures"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("ignoring unreadable bank cache %s (%s); regenerating", path, err)
+    return None
+
+
+def pattern_bank(colour: str, *, cache_dir: str | Path | None = None, **params) -> np.ndarray:
+    """Textures [count, size, size] float32 for ``colour``, from the cache or generated and cached.
+
+    ``params`` are those of ``bank_params`` (count, size, seed, iterations, sigma, sigmas). The
+    npz stores the parameters and the format version; a file whose stored parameters differ is
+    regenerated. An unwritable cache directory only costs a warning.
+    """
+    params = bank_params(colour, **params)
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir or default_cache_dir()) / f"{colour}-{digest}.npz"
+    if path.is_file():
+        cached = _read_cache(path, params)
+        if cached is not None:
+            return cached
+    bank = generate_bank(params)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, textures=bank, params=np.array(json.dumps(params)))
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not cache pattern bank at %s (%s); it will be regenerated next time", path, err)
+    return bank
+
+
+def _first_array(path: Path) -> tuple[str, np.ndarray]:
+    """Name and contents of the first array in an npz archive."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("not an npz archive")
+    with data:
+        if not data.files:
+            raise ValueError("the archive holds no arrays")
+        return data.files[0], data[data.files[0]]
+
+
+def load_pattern_file(path: str | Path) -> np.ndarray:
+    """Load the authors' pattern file: an npz whose first array holds textures [L, M, N] (float32)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pattern file {path} does not exist")
+    try:
+        name, textures = _first_array(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"pattern file {path} is not a readable npz of textures [L, M, N]: {err}") from err
+    if textures.ndim != 3 or 0 in textures.shape:
+        raise ValueError(f"pattern file {path}: array {name!r} has shape {textures.shape}; expected [L, M, N]")
+    if textures.dtype == bool or not np.issubdtype(textures.dtype, np.number):
+        raise ValueError(f"pattern file {path}: array {name!r} has dtype {textures.dtype}; expected numbers")
+    textures = textures.astype(np.float32)
+    if not np.isfinite(textures).all():
+        raise ValueError(f"pattern file {path}: array {name!r} holds NaN or infinite values")
+    return textures

@@ -1,0 +1,180 @@
+"""The mask stage: per-sample crops of colour-noise textures -> boolean masks (True = masked)."""
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noise.bank import load_pattern_file, pattern_bank
+from noise.textures import COLOURS, check_colour, get_xp, rank_normalise
+
+MASK_TYPES = (*COLOURS, "random")
+
+
+def parse_schedule(text: str) -> list[tuple[int, str]]:
+    """Parse ``"green"`` or ``"green@0,blue@200,red@250"`` into [(start_epoch, colour), ...].
+
+    A bare colour starts at epoch 0. Start epochs must be distinct, and one must be 0.
+    """
+    schedule = []
+    for item in str(text).split(","):
+        colour, _, start = item.strip().partition("@")
+        check_colour(colour.strip(), MASK_TYPES)
+        try:
+            epoch = int(start) if start.strip() else 0
+        except ValueError:
+            raise ValueError(f"bad schedule item {item.strip()!r} in {text!r}: expected colour@epoch") from None
+        if epoch < 0:
+            raise ValueError(f"bad schedule item {item.strip()!r} in {text!r}: epochs must be >= 0")
+        schedule.append((epoch, colour.strip()))
+    schedule.sort()
+    epochs = [epoch for epoch, _ in schedule]
+    if epochs[0] != 0 or len(set(epochs)) != len(epochs):
+        raise ValueError(
+            f"bad schedule {text!r}: start epochs must be distinct and one must be 0, "
+            "e.g. 'green' or 'green@0,blue@200,red@250,purple@275'"
+        )
+    return schedule
+
+
+def colour_at(schedule: list[tuple[int, str]], epoch: int) -> str:
+    """The colour in force at ``epoch``: the last entry that started at or before it."""
+    return [colour for start, colour in schedule if start <= epoch][-1]
+
+
+class MaskGenerator:
+    """Draws masks (B, grid*grid), True = masked, with exactly K = int(grid*grid*(1-ratio)) visible.
+
+    Each sample draws its own texture, crop offset (wrap-around), horizontal and vertical flips and,
+    with ``rotate``, a transpose (so all 8 square symmetries); the K highest values of the crop stay
+    visible. ``"random"`` is uniform random masking. Arrays live on ``device``: numpy for "cpu",
+    CuPy for "cuda[:N]". The random stream is a numpy generator seeded by (seed, rank), so a seed
+    gives the same masks on both devices and each distributed rank gets its own stream.
+
+    ``bank_path`` loads the authors' npz instead of generated banks; a "{colour}" in the path is
+    replaced by the colour. Loaded textures are rank-normalised (order kept, ties broken).
+    """
+
+    def __init__(
+        self,
+        schedule: str = "green",
+        grid: int = 14,
+        mask_ratio: float = 0.75,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        device: str = "cpu",
+        bank_path: str | Path | None = None,
+        rotate: bool = False,
+        cache_dir: str | Path | None = None,
+    ):
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1); got {mask_ratio}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1; got {grid}")
+        self.schedule = parse_schedule(schedule)
+        self.grid, self.mask_ratio = int(grid), float(mask_ratio)
+        self.num_patches = self.grid * self.grid
+        self.num_visible = int(self.num_patches * (1 - self.mask_ratio))
+        if self.num_visible < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch on a {grid}x{grid} grid")
+        self.seed, self.rank, self.rotate = int(seed), int(rank), bool(rotate)
+        self.device = str(device)
+        self.xp = get_xp(self.device)
+        self.epoch = 0
+        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.rank,)))
+        colours = sorted({colour for _, colour in self.schedule} - {"random"})
+        with self._on_device():
+            self._banks = {colour: self._load_bank(colour, bank_path, cache_dir) for colour in colours}
+
+    def _on_device(self):
+        """Context that makes CuPy allocate on this generator's GPU (no-op on the CPU)."""
+        if self.xp is np:
+            return contextlib.nullcontext()
+        index = self.device.partition(":")[2]
+        return self.xp.cuda.Device(int(index) if index else None)
+
+    def _load_bank(self, colour: str, bank_path, cache_dir):
+        if bank_path is None:
+            textures = pattern_bank(colour, cache_dir=cache_dir)
+        else:
+            textures = rank_normalise(load_pattern_file(str(bank_path).replace("{colour}", colour)))
+        if min(textures.shape[1:]) < self.grid:
+            raise ValueError(
+                f"grid {self.grid} is larger than the {colour} textures {textures.shape[1:]}; "
+                "use textures of at least grid x grid cells"
+            )
+        return self.xp.asarray(textures)
+
+    @property
+    def colour(self) -> str:
+        """The mask type in force for the current epoch."""
+        return colour_at(self.schedule, self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the colour schedule to ``epoch`` (the random stream is not reset)."""
+        self.epoch = int(epoch)
+
+    def __call__(self, batch_size: int):
+        """A fresh boolean mask (batch_size, grid*grid), True = masked, on the generator's device."""
+        with self._on_device():
+            if self.colour == "random":
+                return self._random_masks(batch_size)
+            return self._colour_masks(self._banks[self.colour], batch_size)
+
+    def _random_masks(self, batch_size: int):
+        """Uniform random masking: each row is an independent random permutation of K False entries."""
+        row = np.arange(self.num_patches) >= self.num_visible
+        return self.xp.asarray(self._rng.permuted(np.tile(row, (batch_size, 1)), axis=1))
+
+    def _colour_masks(self, bank, batch_size: int):
+        xp, rng, grid = self.xp, self._rng, self.grid
+        count, height, width = bank.shape
+        # Small per-sample draws on the host (same stream on every device), index maths on xp.
+        texture = xp.asarray(rng.integers(count, size=batch_size))
+        top = xp.asarray(rng.integers(height, size=batch_size))
+        left = xp.asarray(rng.integers(width, size=batch_size))
+        step = xp.asarray(rng.choice((-1, 1), size=(2, batch_size)))  # -1 reads the crop flipped
+        cells = xp.arange(grid)
+        rows = (top[:, None] + step[0, :, None] * cells) % height
+        cols = (left[:, None] + step[1, :, None] * cells) % width
+        index = (texture[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
+        if self.rotate:
+            transpose = xp.asarray(rng.integers(2, size=batch_size, dtype=bool))
+            index = xp.where(transpose[:, None, None], index.transpose(0, 2, 1), index)
+        values = bank.reshape(-1)[index.reshape(batch_size, -1)]
+        # Crop values are distinct (rank-normalised textures), so exactly K are >= the K-th largest.
+        kth = self.num_patches - self.num_visible
+        threshold = xp.partition(values, kth, axis=1)[:, kth, None]
+        return values < threshold
+
+    def state_dict(self) -> dict:
+        """Epoch and random-stream state; ``load_state_dict`` continues the same stream exactly."""
+        return {"epoch": self.epoch, "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._rng.bit_generator.state = state["rng"]
+
+
+def mask_to_torch(mask, device: str | torch.device | None = None) -> torch.Tensor:
+    """A numpy or CuPy boolean mask as a torch BoolTensor, sharing memory (DLPack: no host copy)."""
+    tensor = torch.from_dlpack(mask.view("uint8")).view(torch.bool)
+    return tensor if device is None else tensor.to(device, non_blocking=True)
+
+
+def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids_keep`` (B, K) and ``ids_restore`` (B, L), int64, for a bool mask (B, L), True = masked.
+
+    The shuffle order lists visible patches first, each group in ascending patch order, so
+    ``ids_keep`` is sorted and ``torch.gather(shuffled, 1, ids_restore)`` restores patch order.
+    """
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(f"mask must be a bool tensor (B, L); got {mask.dtype} with shape {tuple(mask.shape)}")
+    visible = (~mask).sum(dim=1)
+    if not bool((visible == visible[0]).all()):
+        raise ValueError(f"every mask row needs the same number of visible patches; got {visible.tolist()}")
+    ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return ids_shuffle[:, : int(visible[0])], ids_restore
