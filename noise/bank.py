@@ -118,7 +118,7 @@ def load_pattern_file(path: str | Path) -> np.ndarray:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"pattern file {path} is not a readable npz of textures [L, M, N]: {err}") from err
     if textures.ndim != 3 or 0 in textures.shape:
-        raise ValueError(f"pattern file {path}: array {name!r} has shape {textures.shape}; expected [L, M, N]")
+        raise ValueError(f"pattern file {path}: array {name!r} is {textures.shape}; expected [L, M, N]")
     if textures.dtype == bool or not np.issubdtype(textures.dtype, np.number):
         raise ValueError(f"pattern file {path}: array {name!r} has dtype {textures.dtype}; expected numbers")
     textures = textures.astype(np.float32)

@@ -19,15 +19,13 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
     """
     schedule = []
     for item in str(text).split(","):
-        colour, _, start = item.strip().partition("@")
-        check_colour(colour.strip(), MASK_TYPES)
-        try:
-            epoch = int(start) if start.strip() else 0
-        except ValueError:
-            raise ValueError(f"bad schedule item {item.strip()!r} in {text!r}: expected colour@epoch") from None
-        if epoch < 0:
-            raise ValueError(f"bad schedule item {item.strip()!r} in {text!r}: epochs must be >= 0")
-        schedule.append((epoch, colour.strip()))
+        colour, _, start = (part.strip() for part in item.partition("@"))
+        check_colour(colour, MASK_TYPES)
+        if start and not start.isdigit():
+            raise ValueError(
+                f"bad schedule item {item.strip()!r} in {text!r}: expected colour@epoch, epoch >= 0"
+            )
+        schedule.append((int(start or 0), colour))
     schedule.sort()
     epochs = [epoch for epoch, _ in schedule]
     if epochs[0] != 0 or len(set(epochs)) != len(epochs):
@@ -171,7 +169,7 @@ def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``ids_keep`` is sorted and ``torch.gather(shuffled, 1, ids_restore)`` restores patch order.
     """
     if mask.dtype != torch.bool or mask.ndim != 2:
-        raise ValueError(f"mask must be a bool tensor (B, L); got {mask.dtype} with shape {tuple(mask.shape)}")
+        raise ValueError(f"mask must be a bool tensor (B, L); got {mask.dtype} of shape {tuple(mask.shape)}")
     visible = (~mask).sum(dim=1)
     if not bool((visible == visible[0]).all()):
         raise ValueError(f"every mask row needs the same number of visible patches; got {visible.tolist()}")
