@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist)
+# postgresql: the MLflow-on-PostgreSQL tests (docker/ issue) start a throw-away cluster.
+APT_PACKAGES=(libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist postgresql)
 VENV=.venv
 STAMP="$VENV/.setup-stamp"
 WANT="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
