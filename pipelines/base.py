@@ -1,0 +1,163 @@
+"""What every backend shares: the config check, the mask stage, sharding, normalisation, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from . import LoaderConfig
+    from .manifest import Manifest
+
+LOADERS = ("torch", "dali", "ffcv")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_SCALE = (0.2, 1.0)
+TRAIN_RATIO = (3 / 4, 4 / 3)
+EVAL_CROP_FRACTION = 0.875  # resize the short side to S / 0.875, then centre-crop S (224 <- 256)
+
+
+def eval_resize_size(img_size: int) -> int:
+    """Short-side length before the evaluation centre crop (256 for 224)."""
+    return int(img_size / EVAL_CROP_FRACTION)
+
+
+def check_config(cfg: LoaderConfig) -> None:
+    """Raise ValueError naming the bad field and the allowed values."""
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"loader={cfg.loader!r}: allowed values are {', '.join(LOADERS)}")
+    if cfg.img_size <= 0 or cfg.patch_size <= 0 or cfg.img_size % cfg.patch_size:
+        raise ValueError(f"img_size={cfg.img_size} must be a multiple of patch_size={cfg.patch_size} (> 0)")
+    if cfg.batch_size <= 0:
+        raise ValueError(f"batch_size={cfg.batch_size} must be positive")
+    if cfg.workers < 0:
+        raise ValueError(f"workers={cfg.workers} must be >= 0")
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ValueError(f"rank={cfg.rank} must be in [0, world_size={cfg.world_size})")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio={cfg.mask_ratio} must be in (0, 1)")
+    device = torch.device(cfg.device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={cfg.device!r}: allowed values are 'cpu' and 'cuda[:N]'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but no CUDA device is available; use device='cpu'")
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Sample order of one epoch: a permutation seeded from (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def shard(order: np.ndarray, rank: int, world_size: int, *, equal: bool) -> np.ndarray:
+    """This rank's contiguous slice of `order` (the split DALI's reader uses for shard_id/num_shards).
+
+    With `equal`, the tail is first cut so every rank gets the same count (training: same number of
+    steps on every rank); without it, every sample goes to exactly one rank (evaluation).
+    """
+    if equal:
+        order = order[: len(order) // world_size * world_size]
+    n = len(order)
+    return order[n * rank // world_size : n * (rank + 1) // world_size]
+
+
+def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample seed from (seed, epoch, index): independent of worker count and resume point."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 on `device`, normalised with the ImageNet mean/std."""
+    images = images.to(device, non_blocking=True).float()
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return images.sub_(mean).div_(std)
+
+
+class MaskStage:
+    """The ColorMAE mask stage, shared by all backends: one MaskGenerator call per batch."""
+
+    def __init__(self, cfg: LoaderConfig):
+        from noise import MaskGenerator
+
+        self.device = torch.device(cfg.device)
+        self.generator = MaskGenerator(
+            cfg.mask,
+            grid=cfg.img_size // cfg.patch_size,
+            mask_ratio=cfg.mask_ratio,
+            seed=cfg.seed,
+            rank=cfg.rank,
+            device=cfg.device,
+            bank_path=cfg.mask_bank,
+        )
+
+    def raw(self, batch_size: int):
+        """Bool (B, G*G) mask as the generator's array type (numpy on CPU, CuPy on CUDA)."""
+        return self.generator(batch_size)
+
+    def __call__(self, batch_size: int) -> torch.Tensor:
+        """Bool (B, G*G) mask as a torch tensor on the loader's device."""
+        from noise import mask_to_torch
+
+        return mask_to_torch(self.generator(batch_size), self.device)
+
+
+class BaseLoader:
+    """Epoch bookkeeping and exact resume; a backend only implements `_batches(skip)`.
+
+    `state_dict()` records the epoch, the batches consumed in it and the mask generator state;
+    after `load_state_dict()` the next iteration starts at the first unconsumed batch. Calling
+    `set_epoch()` with the restored epoch keeps that pending resume point.
+    """
+
+    def __init__(self, cfg: LoaderConfig, manifest: Manifest | None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.drop_last = cfg.train if cfg.drop_last is None else cfg.drop_last
+        self.classes: list[str] = manifest.classes if manifest else []
+        self.num_skipped: int = manifest.num_skipped if manifest else 0
+        self.masks = MaskStage(cfg) if cfg.mask else None
+        self.epoch = 0
+        self._consumed = 0
+        self._resume_at = 0
+
+    def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yield (images, labels, mask) of this epoch, starting after `skip` batches."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        skip, self._resume_at = self._resume_at, 0
+        self._consumed = skip
+        for images, labels, mask in self._batches(skip):
+            self._consumed += 1
+            yield {"images": images, "mask": mask, "labels": labels}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: its shuffle order, augmentation seeds and mask colour."""
+        if epoch == self.epoch and self._resume_at:
+            return
+        self.epoch, self._consumed, self._resume_at = epoch, 0, 0
+        if self.masks:
+            self.masks.generator.set_epoch(epoch)
+
+    def _mask_state(self) -> dict | None:
+        return self.masks.generator.state_dict() if self.masks else None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self._consumed, "mask": self._mask_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._consumed, self._resume_at = state["epoch"], state["batches"], state["batches"]
+        if self.masks and state.get("mask") is not None:
+            self.masks.generator.load_state_dict(state["mask"])

@@ -1,0 +1,173 @@
+"""Dataset manifest: one parallel scan that validates every image of a class-folder tree.
+
+The scan decodes each file once, sorts it into *good* (usable as is), *converted* (a CMYK, palette,
+RGBA, ... image re-saved as an RGB PNG in the cache folder, so every backend's decoder reads it)
+or *skipped* (zero-byte, truncated, not an image, unsupported mode). The result is cached as a
+small TSV next to the data (``<root>/.colormae/``) or, when the data folder is read-only, under
+``$XDG_CACHE_HOME/colormae/``; later scans only re-check files whose size or mtime changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+CONVERTIBLE_MODES = ("RGB", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "1")
+CACHE_NAME = ".colormae"
+_MANIFEST_FILE = "manifest.tsv"
+_VERSION = "colormae-manifest-v1"
+
+
+@dataclass
+class Manifest:
+    """Good files of a class-folder tree, their labels, and the files that were skipped."""
+
+    root: Path
+    classes: list[str]
+    files: list[str] = field(default_factory=list)  # absolute paths every backend reads
+    labels: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path relative to root, reason)
+    cache_dir: Path | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def signature(self) -> str:
+        """Short hash of the good-file list, used to name derived artefacts (e.g. .beton files)."""
+        lines = (f"{f}\t{y}" for f, y in zip(self.files, self.labels, strict=True))
+        digest = hashlib.sha1("\n".join(lines).encode())
+        return digest.hexdigest()[:12]
+
+
+def cache_dir_for(root: Path) -> Path:
+    """The writable cache folder for `root`: inside it when possible, else in the user cache."""
+    local = root / CACHE_NAME
+    try:
+        local.mkdir(exist_ok=True)
+        probe = local / ".write-test"
+        probe.touch()
+        probe.unlink()
+        return local
+    except OSError:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colormae"
+        fallback = base / hashlib.sha1(str(root).encode()).hexdigest()[:16]
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def _list_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and (relative path, label) of every image-named file, in sorted order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist (expected {root}/<class>/<image>)")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    items = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = os.path.relpath(dirpath, root)
+            items += [
+                (os.path.join(rel_dir, f), label)
+                for f in sorted(filenames)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+            ]
+    if not items:
+        raise FileNotFoundError(
+            f"no images found in {root}: expected class folders {root}/<class>/<image> "
+            f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return classes, items
+
+
+def _check(path: Path, converted: Path) -> tuple[str, str]:
+    """Validate one file: ("ok", ""), ("convert", new path) or ("bad", reason)."""
+    if path.stat().st_size == 0:
+        return "bad", "zero-byte file"
+    try:
+        with Image.open(path) as img:
+            if img.mode not in CONVERTIBLE_MODES:
+                return "bad", f"unsupported mode {img.mode} (allowed: {', '.join(CONVERTIBLE_MODES)})"
+            img.load()  # a full decode: truncated or corrupt data raises here
+            if img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L"):
+                return "ok", ""
+            converted.parent.mkdir(parents=True, exist_ok=True)
+            img.convert("RGB").save(converted)
+            return "convert", str(converted)
+    except UnidentifiedImageError:
+        return "bad", "not an image"
+    except (OSError, SyntaxError, ValueError) as err:
+        return "bad", f"corrupt or truncated ({err})"
+
+
+def _read_cache(path: Path) -> dict[str, tuple[str, str, str, str]]:
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or lines[0] != _VERSION:
+        return {}
+    entries = {}
+    for line in lines[1:]:
+        rel, size, mtime, status, detail = line.split("\t")
+        entries[rel] = (size, mtime, status, detail)
+    return entries
+
+
+def _write_cache(path: Path, entries: dict[str, tuple[str, str, str, str]]) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join([_VERSION, *("\t".join((rel, *e)) for rel, e in entries.items())]) + "\n")
+    os.replace(tmp, path)  # atomic: concurrent ranks never see half a file
+
+
+def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
+    """Validate every image under `root` (cached), log and return the skipped ones.
+
+    Raises FileNotFoundError with the expected layout when `root` is missing or holds no images.
+    """
+    root = Path(root).expanduser().resolve()
+    classes, items = _list_files(root)
+    cache = cache_dir_for(root)
+    old = _read_cache(cache / _MANIFEST_FILE)
+    entries: dict[str, tuple[str, str, str, str]] = {}
+    todo = []
+    for rel, _ in items:
+        st = os.stat(root / rel)
+        size, mtime = str(st.st_size), str(st.st_mtime_ns)
+        cached = old.get(rel)
+        if cached and cached[:2] == (size, mtime) and (cached[2] != "convert" or Path(cached[3]).exists()):
+            entries[rel] = cached
+        else:
+            todo.append((rel, size, mtime))
+    if todo:
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
+            results = pool.map(lambda t: _check(root / t[0], cache / "converted" / (t[0] + ".png")), todo)
+            for (rel, size, mtime), (status, detail) in zip(todo, results, strict=True):
+                entries[rel] = (size, mtime, status, detail)
+        _write_cache(cache / _MANIFEST_FILE, entries)
+
+    manifest = Manifest(root=root, classes=classes, cache_dir=cache)
+    for rel, label in items:
+        _, _, status, detail = entries[rel]
+        if status == "bad":
+            manifest.skipped.append((rel, detail))
+        else:
+            manifest.files.append(detail if status == "convert" else str(root / rel))
+            manifest.labels.append(label)
+    if manifest.skipped:
+        shown = "; ".join(f"{rel}: {reason}" for rel, reason in manifest.skipped[:10])
+        more = f" (and {manifest.num_skipped - 10} more)" if manifest.num_skipped > 10 else ""
+        log.warning("skipped %d of %d files in %s: %s%s", manifest.num_skipped, len(items), root, shown, more)
+    if not manifest.files:
+        raise FileNotFoundError(f"no readable images in {root}: all {len(items)} files were skipped")
+    return manifest

@@ -1,0 +1,107 @@
+"""The torch backend: PIL decode + torchvision transforms in DataLoader workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from .base import (
+    TRAIN_RATIO,
+    TRAIN_SCALE,
+    BaseLoader,
+    epoch_order,
+    eval_resize_size,
+    normalize,
+    num_batches,
+    sample_seed,
+    shard,
+)
+from .manifest import Manifest
+
+
+def build_transform(img_size: int, train: bool) -> v2.Compose:
+    """Training: RandomResizedCrop(S, scale 0.2-1) + flip; evaluation: resize + centre crop."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    if train:
+        geometry = [
+            v2.RandomResizedCrop(img_size, scale=TRAIN_SCALE, ratio=TRAIN_RATIO, interpolation=bicubic),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [v2.Resize(eval_resize_size(img_size), interpolation=bicubic), v2.CenterCrop(img_size)]
+    return v2.Compose([*geometry, v2.PILToTensor()])
+
+
+class ManifestDataset(Dataset):
+    """Items are keyed by (epoch, index); random transforms are seeded from (seed, epoch, index)."""
+
+    def __init__(self, manifest: Manifest, transform: v2.Compose, seed: int, seeded: bool):
+        self.files, self.labels = manifest.files, manifest.labels
+        self.transform, self.seed, self.seeded = transform, seed, seeded
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        with Image.open(self.files[index]) as img:
+            img = img.convert("RGB")
+        if self.seeded:
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                return self.transform(img), self.labels[index]
+        return self.transform(img), self.labels[index]
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (epoch, index) for this rank, skipping the first `skip` batches undecoded."""
+
+    def __init__(self, loader: TorchLoader, num_samples: int):
+        self.loader, self.num_samples = loader, num_samples
+        self.skip = 0
+
+    def indices(self) -> np.ndarray:
+        cfg = self.loader.cfg
+        order = epoch_order(self.num_samples, seed=cfg.seed, epoch=self.loader.epoch, shuffle=cfg.train)
+        return shard(order, cfg.rank, cfg.world_size, equal=self.loader.drop_last)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        indices, batch = self.indices(), self.loader.cfg.batch_size
+        for b in range(self.skip, len(self)):
+            yield [(self.loader.epoch, int(i)) for i in indices[b * batch : (b + 1) * batch]]
+
+    def __len__(self) -> int:
+        cfg = self.loader.cfg
+        count = len(shard(np.arange(self.num_samples), cfg.rank, cfg.world_size, equal=self.loader.drop_last))
+        return num_batches(count, cfg.batch_size, self.loader.drop_last)
+
+
+class TorchLoader(BaseLoader):
+    """DataLoader with workers, pinned memory and persistent workers; mask added per batch."""
+
+    def __init__(self, cfg, manifest: Manifest):
+        super().__init__(cfg, manifest)
+        dataset = ManifestDataset(manifest, build_transform(cfg.img_size, cfg.train), cfg.seed, cfg.train)
+        self.sampler = EpochBatchSampler(self, len(dataset))
+        self.dataloader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _batches(self, skip: int):
+        self.sampler.skip = skip
+        for images, labels in self.dataloader:
+            images = normalize(images, self.device)
+            labels = labels.to(self.device, non_blocking=True)
+            yield images, labels, self.masks(len(labels)) if self.masks else None
