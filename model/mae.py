@@ -12,6 +12,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from noise import mask_to_ids
+
 _PAPER_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 _LIGHT_DECODER = {"decoder_embed_dim": 256, "decoder_depth": 4, "decoder_num_heads": 8}
 
@@ -47,18 +49,6 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
     return emb.float()
-
-
-def visible_ids(mask: Tensor) -> Tensor:
-    """Indices (B, K) of the visible patches of a bool mask (B, L), True = masked, ascending per row."""
-    if mask.dtype != torch.bool or mask.dim() != 2:
-        raise ValueError(f"mask must be a bool tensor (B, L) with True = masked, got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
-    low, high = torch.aminmax((~mask).sum(1))
-    low, high = torch.stack([low, high]).tolist()
-    if low != high or low == 0:
-        raise ValueError(f"every mask row needs the same number (>0) of visible patches, got {low}..{high}")
-    return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :low]
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -186,7 +176,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match (batch, patches) = "
                              f"({imgs.shape[0]}, {self.num_patches})")
         mask = mask.to(imgs.device)
-        ids_keep = visible_ids(mask)
+        ids_keep, _ = mask_to_ids(mask)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_keep)
         mask = mask.float()

@@ -5,7 +5,6 @@ import timm
 import torch
 
 from model import PRESETS, build_mae, build_timm_encoder, export_encoder, load_encoder, load_mae
-from model.mae import visible_ids
 
 BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
@@ -74,18 +73,15 @@ def test_encoder_sees_exactly_the_visible_patches(demo):
     assert not torch.allclose(latent_out[2][0], latent_out[0][0])  # visible patch changed: differs
 
 
-def test_visible_ids_order_and_errors():
-    mask = torch.tensor([[True, False, True, False], [False, True, True, False]])
-    assert visible_ids(mask).tolist() == [[1, 3], [0, 3]]
-    with pytest.raises(ValueError, match="same number"):
-        visible_ids(torch.tensor([[True, False, False, False], [False, True, True, True]]))
-    with pytest.raises(ValueError, match="bool"):
-        visible_ids(mask.float())
-
-
 def test_forward_rejects_bad_masks(demo):
     with pytest.raises(ValueError, match="does not match"):
         demo(images(), torch.ones(2, 10, dtype=torch.bool))
+    uneven = torch.ones(2, 64, dtype=torch.bool)
+    uneven[0, :16], uneven[1, :17] = False, False
+    with pytest.raises(ValueError, match="same number of visible patches"):
+        demo(images(), uneven)
+    with pytest.raises(ValueError, match="bool"):
+        demo(images(), uneven.float())
     with pytest.raises(ValueError, match="mask_ratio"):
         demo(images(), mask_ratio=1.0)
 
