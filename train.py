@@ -1,0 +1,370 @@
+"""ColorMAE / MAE pretraining in one file: config -> loader + masks -> MAE -> AdamW -> checkpoints -> MLflow.
+
+    python train.py --config configs/demo.yaml                       # the CPU demo (Fashion-MNIST)
+    python train.py --config configs/demo.yaml train.epochs=2 mask.schedule=blue --loader torch
+    torchrun --nproc-per-node 8 train.py --config configs/vit_base_green_800ep.yaml
+
+A run lives in <log.runs_root>/<log.run_name>: checkpoint-last.pth (every epoch and on SIGTERM or
+SIGUSR1), checkpoint-<epoch>.pth (every train.checkpoint_every epochs) and the figures. The same
+command again (or --resume PATH) continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import tracking
+from configs import Config, ConfigError, flatten, load_config, model_kwargs, to_dict, validate
+from model import MaskedAutoencoderViT, build_mae
+from noise import parse_schedule
+from pipelines import LoaderConfig, build_loader
+
+log = logging.getLogger("train")
+NO_WEIGHT_DECAY = ("pos_embed", "decoder_pos_embed", "cls_token", "mask_token")  # + biases, norms (1-D)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops before the optimiser step."""
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Command line -> (Config, args); the config is validated separately."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file in configs/ (default: the built-in paper recipe)")
+    parser.add_argument("overrides", nargs="*", help="e.g. train.epochs=2 mask.schedule=blue")
+    parser.add_argument("--loader", help="torch | dali | ffcv (same as data.loader=...)")
+    parser.add_argument("--resume", help="checkpoint or run folder (default: the run's checkpoint-last.pth)")
+    parser.add_argument("--mlflow-uri", help="tracking server (same as log.mlflow_uri=...; default: "
+                        "MLFLOW_TRACKING_URI, else SQLite in the runs root)")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.loader:
+        overrides.append(f"data.loader={args.loader}")
+    if args.mlflow_uri:
+        overrides.append(f"log.mlflow_uri={args.mlflow_uri}")
+    return load_config(args.config, overrides), args
+
+
+def init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """torchrun's env:// rendezvous if WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU) -> (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    return rank, world, device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means fp32; `auto` is bf16 on GPU and fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain containers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write atomically: a crash mid-write never leaves a broken or half-new checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, mask: torch.Tensor | None,
+                        path: Path) -> None:
+    """Save three rows: originals, masked inputs, reconstructions (visible patches pasted back)."""
+    model.eval()
+    _, pred, mask = model(images, mask)
+    model.train()
+    target = model.patchify(images)
+    if model.norm_pix_loss:  # predictions are per-patch normalised pixels: undo with the true statistics
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    hidden = model.unpatchify(mask[..., None].expand_as(target))
+    visible = images * (1 - hidden)
+    rows = torch.cat([images, visible, visible + model.unpatchify(pred.float()) * hidden]).cpu()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    save_image((rows * std + mean).clamp(0, 1), path, nrow=len(images), padding=1)
+
+
+class Trainer:
+    """Owns the model, loader, optimiser, schedule, checkpoints and tracker of one run."""
+
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        self.cfg, t = cfg, cfg.train
+        self.rank, self.world, self.device = init_distributed(t.device)
+        self.run_dir = Path(cfg.log.runs_root) / (cfg.log.run_name or cfg.name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+            seed_fn(t.seed + self.rank)
+
+        self.model = build_mae(cfg.model.preset, **model_kwargs(cfg)).to(self.device)
+        self.micro_batch = t.batch_size // (self.world * t.accum_steps)
+        self.loader = build_loader(LoaderConfig(
+            loader=cfg.data.loader, data=cfg.data.path, ffcv_path=cfg.data.ffcv_path,
+            img_size=cfg.data.img_size, patch_size=self.model.patch_size, batch_size=self.micro_batch,
+            mask=cfg.mask.schedule, mask_ratio=cfg.mask.ratio, mask_bank=cfg.mask.bank, seed=t.seed,
+            rank=self.rank, world_size=self.world, device=str(self.device),
+            **({} if cfg.data.workers is None else {"workers": cfg.data.workers})))
+        self.steps_per_epoch = min(len(self.loader) // t.accum_steps, t.steps_per_epoch or len(self.loader))
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"data.path {cfg.data.path} has too few images for a step of {t.batch_size}")
+
+        groups = param_groups_weight_decay(self.model, t.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(t.betas),
+                                           fused=self.device.type == "cuda")
+        warmup, total = t.warmup_epochs * self.steps_per_epoch, t.epochs * self.steps_per_epoch
+        self.scheduler = CosineLRScheduler(  # stepped per optimiser step: linear warm-up, then cosine
+            self.optimizer, t_initial=max(1, total - warmup), lr_min=t.min_lr, warmup_t=warmup,
+            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+        self.dtype = autocast_dtype(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step, self.sample = 0, None  # sample: a few training images for the reconstruction figure
+        run_id = self.load(resume)
+        if t.compile:
+            self.model.compile()
+        self.ddp = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.uri = tracking.resolve_uri(cfg.log.mlflow_uri, cfg.log.runs_root)
+        self.tracker = tracking.Tracker(
+            self.uri, cfg.log.experiment, run_name=self.run_dir.name, run_id=run_id,
+            enabled=self.rank == 0 and cfg.log.mlflow, offline_dir=self.run_dir,
+            tags={"git_commit": git_commit(), "loader": cfg.data.loader, "mask": cfg.mask.schedule,
+                  "world_size": self.world, "device": device_name,
+                  "checkpoint": str((self.run_dir / "checkpoint-last.pth").resolve())})
+
+    def load(self, resume: str | None) -> str | None:
+        """Restore from --resume or the run's checkpoint-last.pth; returns the MLflow run id to continue."""
+        path = self.run_dir / "checkpoint-last.pth" if resume is None else Path(resume)
+        path = path / "checkpoint-last.pth" if path.is_dir() else path
+        if not path.is_file():
+            if resume is not None:
+                raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
+            return None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if len(ckpt["loader"]) != self.world:
+            raise ConfigError(f"{path} was written by {len(ckpt['loader'])} processes and this run has "
+                              f"{self.world}: exact resume needs the same world size")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.loader.load_state_dict(ckpt["loader"][self.rank])
+        set_rng_state(ckpt["rng"][self.rank])
+        self.step = ckpt["step"]
+        if self.rank == 0:
+            log.info("resuming from %s at epoch %d, step %d", path, ckpt["epoch"], self.step)
+        return ckpt["mlflow_run_id"]
+
+    def save(self, epoch: int, name: str) -> None:
+        """Checkpoint (rank 0 writes; every rank's loader and RNG state is gathered into it)."""
+        per_rank = [(self.loader.state_dict(), rng_state())]
+        if self.world > 1:
+            per_rank = [None] * self.world
+            dist.all_gather_object(per_rank, (self.loader.state_dict(), rng_state()))
+        if self.rank == 0:
+            save_checkpoint({
+                "model": self.model.state_dict(), "model_args": self.model.model_args,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epoch, "step": self.step, "loader": [s[0] for s in per_rank],
+                "rng": [s[1] for s in per_rank], "config": to_dict(self.cfg),
+                "mlflow_run_id": self.tracker.run_id}, self.run_dir / name)
+
+    def train_step(self, batches, stop_requested: bool) -> tuple[float, bool, float]:
+        """One optimiser step over accum_steps micro-batches -> (mean loss over ranks, stop, data wait s)."""
+        t, wait, loss_sum = self.cfg.train, 0.0, torch.zeros((), device=self.device)
+        self.scheduler.step_update(self.step)
+        for micro in range(t.accum_steps):
+            fetch = time.perf_counter()
+            batch = next(batches)
+            images, mask = batch["images"].to(self.device, non_blocking=True), batch["mask"]
+            wait += time.perf_counter() - fetch
+            if self.sample is None and self.rank == 0:
+                self.sample = (images[:8].clone(), None if mask is None else mask[:8].clone())
+            last = micro == t.accum_steps - 1  # DDP all-reduces the gradients on the last micro-batch only
+            with self.ddp.no_sync() if self.world > 1 and not last else nullcontext(), \
+                    torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                loss = self.ddp(images, mask, self.cfg.mask.ratio)[0]
+            self.scaler.scale(loss / t.accum_steps).backward()
+            loss_sum += loss.detach().float()
+        stop_flag = torch.tensor(float(stop_requested), device=self.device)
+        stats = torch.stack([loss_sum / t.accum_steps, stop_flag])
+        if self.world > 1:  # one collective: the mean loss, and whether any rank got a stop signal
+            dist.all_reduce(stats)
+        loss_value, stop = stats[0].item() / self.world, stats[1].item() > 0
+        if not np.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss is {loss_value} at step {self.step}")
+        if t.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_value, stop, wait
+
+    def fit(self) -> nn.Module:
+        """Train to the last epoch (or until a stop signal); returns the unwrapped model."""
+        cfg, t, spe = self.cfg, self.cfg.train, self.steps_per_epoch
+        stop_signal = []
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: finish the step, save, exit 0
+            signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+        start_epoch = self.step // spe
+        if self.rank == 0:
+            self.tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": self.micro_batch,
+                                     "world_size": self.world, "steps_per_epoch": spe})
+            if self.step == 0:
+                self.log_mask_figure()
+            log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d ranks), "
+                     "lr %.2e, %s on %s", self.run_dir, t.epochs, spe, t.batch_size, self.micro_batch,
+                     t.accum_steps, self.world, cfg.lr, self.dtype or "fp32", self.device)
+        show_bar = self.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(total=t.epochs * spe, initial=self.step, unit="step", disable=not show_bar)
+        window: list[tuple[float, float, float]] = []  # (loss, step seconds, data-wait seconds)
+        status = "FAILED"
+        try:
+            for epoch in range(start_epoch, t.epochs):
+                self.loader.set_epoch(epoch)  # keeps a pending mid-epoch resume point of this epoch
+                batches = iter(self.loader)
+                while self.step < (epoch + 1) * spe:
+                    start = time.perf_counter()
+                    loss, stop, wait = self.train_step(batches, bool(stop_signal))
+                    window.append((loss, time.perf_counter() - start, wait))
+                    bar.update()
+                    img_s = t.batch_size / window[-1][1]
+                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{img_s:.0f}")
+                    if self.rank == 0 and (self.step % cfg.log.every_steps == 0 or stop):
+                        self.log_metrics(window, show_bar)
+                        window = []
+                    if stop:
+                        self.save(epoch, "checkpoint-last.pth")
+                        status = "KILLED"
+                        log.info("stop signal: saved %s at step %d; run the same command to resume",
+                                 self.run_dir / "checkpoint-last.pth", self.step)
+                        return self.model
+                self.end_epoch(epoch + 1, show_bar)
+            status = "FINISHED"
+        except NonFiniteLoss as err:
+            last = self.run_dir / "checkpoint-last.pth"
+            kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
+            raise SystemExit(f"error: {err}: stopped before the optimiser step; {kept}. Try a lower "
+                             "train.base_lr, train.clip_grad=1.0 or train.precision=fp32, then resume."
+                             ) from err
+        finally:
+            bar.close()
+            self.tracker.close(status)
+        if self.rank == 0:
+            print(f"\nDone. Checkpoints: {self.run_dir.resolve()}\nMLflow store: {self.uri}\n"
+                  f"Open it with:  {tracking.ui_command(self.uri)}", flush=True)
+        return self.model
+
+    def end_epoch(self, epochs_done: int, show_bar: bool) -> None:
+        """Checkpoints and the reconstruction figure after an epoch."""
+        t, log_cfg = self.cfg.train, self.cfg.log
+        last_epoch = epochs_done == t.epochs
+        self.save(epochs_done, "checkpoint-last.pth")
+        if epochs_done % t.checkpoint_every == 0 or last_epoch:
+            self.save(epochs_done, f"checkpoint-{epochs_done}.pth")
+        if self.rank != 0:
+            return
+        if log_cfg.recon_every and self.sample and (epochs_done % log_cfg.recon_every == 0 or last_epoch):
+            figure = self.run_dir / f"reconstruction-{epochs_done:04d}.png"
+            reconstruction_grid(self.model, *self.sample, figure)
+            self.tracker.log_artifact(figure, "reconstructions")
+        if not show_bar:
+            log.info("epoch %d/%d done, checkpoints in %s", epochs_done, t.epochs, self.run_dir)
+
+    def log_metrics(self, window: list[tuple[float, float, float]], show_bar: bool) -> None:
+        """Average the steps since the last call and log them to MLflow (and the console without a bar)."""
+        losses, times, waits = (np.array(column) for column in zip(*window, strict=True))
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        metrics = {"loss": losses.mean(), "lr": self.optimizer.param_groups[0]["lr"],
+                   "images_per_s": self.cfg.train.batch_size * len(times) / times.sum(),
+                   "data_wait": waits.sum() / times.sum(), "step_time_s": times.mean(),
+                   "peak_mem_mb": peak_mb, "epoch": self.step / self.steps_per_epoch}
+        self.tracker.log_metrics(metrics, self.step)
+        if not show_bar:
+            log.info("step %d (epoch %.2f): loss %.4f, lr %.2e, %.0f img/s, data wait %.0f%%", self.step,
+                     metrics["epoch"], metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                     100 * metrics["data_wait"])
+
+    def log_mask_figure(self) -> None:
+        """The noise.show figure of the run's mask colours, as an MLflow artifact."""
+        from noise.show import render
+
+        figure = self.run_dir / "masks.png"
+        render(figure, colours=sorted({colour for _, colour in parse_schedule(self.cfg.mask.schedule)}))
+        self.tracker.log_artifact(figure, "figures")
+
+
+def git_commit() -> str:
+    """The commit this code runs at, for the run's tags."""
+    repo = Path(__file__).parent
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> nn.Module:
+    """Parse, validate before any compute, train; a config problem exits with one clear message."""
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg, args = parse_args(argv)
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        return Trainer(cfg, args.resume).fit()
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from err
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
