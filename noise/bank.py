@@ -13,7 +13,7 @@ from noise.textures import DEFAULT_ITERATIONS, DEFAULT_SIGMA, DEFAULT_SIGMAS, ch
 
 log = logging.getLogger(__name__)
 
-BANK_VERSION = 1  # bump when the generator changes, so stale caches are regenerated
+BANK_VERSION = 2  # bump when the generator changes, so stale caches are regenerated
 DEFAULT_COUNT = 64  # textures per bank
 DEFAULT_SIZE = 64  # M: a 14 x 14 crop has 64 * 64 offsets (wrap-around) x 4 flips per texture
 

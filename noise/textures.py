@@ -49,7 +49,7 @@ def gaussian_response(xp: ModuleType, shape: tuple[int, int], sigma: float):
     fy = xp.fft.fftfreq(shape[0])[:, None]
     fx = xp.fft.rfftfreq(shape[1])[None, :]
     scale = -2 * math.pi**2 * sigma**2
-    return (xp.exp(scale * fy**2) * xp.exp(scale * fx**2)).astype(xp.float32)
+    return xp.exp(scale * fy**2) * xp.exp(scale * fx**2)
 
 
 def filter_response(
@@ -74,15 +74,19 @@ def filter_response(
 
 
 def _ranks(flat, tie_order, xp: ModuleType):
-    """Rows of ``flat`` (T, N) replaced by rank / (N - 1); equal values ordered by ``tie_order``.
+    """Rows of ``flat`` (T, N) replaced by rank / (N - 1) (float32); equal values ordered by ``tie_order``.
 
-    ``tie_order`` holds one random permutation per row: sorting the permuted row with a stable
-    sort and mapping back puts equal values in a random order.
+    ``tie_order`` holds one random permutation per row. Ties are rare in float64, so a fast sort
+    comes first; only when it finds equal values does a stable sort of the randomly permuted row
+    order them randomly.
     """
     count = flat.shape[1]
     rows = xp.arange(flat.shape[0])[:, None]
-    shuffled = xp.take_along_axis(flat, tie_order, axis=1)
-    order = tie_order[rows, xp.argsort(shuffled, axis=1, kind="stable")]
+    order = xp.argsort(flat, axis=1)
+    ordered = xp.take_along_axis(flat, order, axis=1)
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        shuffled = xp.take_along_axis(flat, tie_order, axis=1)
+        order = tie_order[rows, xp.argsort(shuffled, axis=1, kind="stable")]
     ranks = xp.empty(flat.shape, dtype=xp.float32)
     ranks[rows, order] = xp.arange(count, dtype=xp.float32) / (count - 1)
     return ranks
@@ -125,13 +129,13 @@ def colour_noise(
         raise ValueError(f"iterations must be >= 1; got {iterations}")
     rng = np.random.default_rng(seed)
     size = shape[-2:]
-    white = xp.asarray(rng.random(shape, dtype=np.float32)).reshape(-1, size[0] * size[1])
+    white = xp.asarray(rng.random(shape)).reshape(-1, size[0] * size[1])
     tie_order = xp.asarray(_tie_orders(rng, *white.shape))
     x = _ranks(white, tie_order, xp)
     response = filter_response(colour, xp, size, sigma, sigmas)
     if response is not None:
         for _ in range(iterations):
-            spectrum = xp.fft.rfft2(x.reshape(-1, *size)) * response
+            spectrum = xp.fft.rfft2(x.reshape(-1, *size).astype(xp.float64)) * response
             x = _ranks(xp.fft.irfft2(spectrum, s=size).reshape(x.shape), tie_order, xp)
     return x.reshape(shape)
 

@@ -1,0 +1,80 @@
+"""Mask gallery: per colour a texture, four masks and the radial power spectrum, in one PNG.
+
+python -m noise.show --out masks.png [--colours green blue] [--grid 14] [--ratio 0.75]
+"""
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from noise.bank import pattern_bank
+from noise.masks import MaskGenerator
+from noise.textures import COLOURS, check_colour, radial_power_spectrum
+
+MASKS_PER_COLOUR = 4
+
+
+def render(
+    path: str | Path,
+    colours: Sequence[str] = COLOURS,
+    grid: int = 14,
+    ratio: float = 0.75,
+    *,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Draw the gallery for ``colours`` (default banks) into the PNG ``path`` and return the path."""
+    for colour in colours:
+        check_colour(colour)
+    columns = 2 + MASKS_PER_COLOUR
+    figure = Figure(figsize=(2.0 * columns, 2.0 * len(colours)), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(f"ColorMAE masks (white = visible patch), seed {seed}", fontsize=10)
+    axes = figure.subplots(len(colours), columns, squeeze=False)
+    for row, colour in zip(axes, colours, strict=True):
+        bank = pattern_bank(colour, cache_dir=cache_dir)
+        masks = MaskGenerator(colour, grid, ratio, seed=seed, cache_dir=cache_dir)(MASKS_PER_COLOUR)
+        row[0].imshow(bank[0], cmap="gray", interpolation="nearest")
+        row[0].set_ylabel(colour, fontsize=12)
+        row[0].set_title(f"texture {bank.shape[1]}x{bank.shape[2]}", fontsize=8)
+        for axis, mask in zip(row[1:-1], masks, strict=True):
+            axis.imshow(~mask.reshape(grid, grid), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axis.set_title(f"mask {grid}x{grid}, {ratio:.0%} hidden", fontsize=8)
+        for axis in row[:-1]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        freqs, power = radial_power_spectrum(bank[:16])
+        row[-1].semilogy(freqs, power / power.mean())
+        row[-1].set_ylim(1e-3, 3e1)
+        row[-1].set_title("radial power spectrum", fontsize=8)
+        row[-1].set_xlabel("cycles / cell", fontsize=8)
+        row[-1].tick_params(labelsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--colours", nargs="+", default=list(COLOURS), help=f"from {', '.join(COLOURS)}")
+    parser.add_argument("--grid", type=int, default=14, help="patch grid side (image size / patch size)")
+    parser.add_argument("--ratio", type=float, default=0.75, help="mask ratio in (0, 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache-dir", default=None, help="pattern bank cache (default: noise.default_cache_dir())"
+    )
+    args = parser.parse_args(argv)
+    try:
+        path = render(args.out, args.colours, args.grid, args.ratio, seed=args.seed, cache_dir=args.cache_dir)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
