@@ -72,14 +72,26 @@ def _read_cache(path: Path, params: dict) -> np.ndarray | None:
     return None
 
 
-def pattern_bank(colour: str, *, cache_dir: str | Path | None = None, **params) -> np.ndarray:
+def pattern_bank(
+    colour: str,
+    *,
+    count: int = DEFAULT_COUNT,
+    size: int = DEFAULT_SIZE,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    iterations: int = DEFAULT_ITERATIONS,
+    sigma: float = DEFAULT_SIGMA,
+    sigmas: tuple[float, float] = DEFAULT_SIGMAS,
+) -> np.ndarray:
     """Textures [count, size, size] float32 for ``colour``, from the cache or generated and cached.
 
-    ``params`` are those of ``bank_params`` (count, size, seed, iterations, sigma, sigmas). The
-    npz stores the parameters and the format version; a file whose stored parameters differ is
-    regenerated. An unwritable cache directory only costs a warning.
+    The npz stores the parameters and the format version; a file whose stored parameters differ
+    is regenerated. ``cache_dir`` defaults to ``default_cache_dir()``; an unwritable cache
+    directory only costs a warning.
     """
-    params = bank_params(colour, **params)
+    params = bank_params(
+        colour, count=count, size=size, seed=seed, iterations=iterations, sigma=sigma, sigmas=sigmas
+    )
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / f"{colour}-{digest}.npz"
     if path.is_file():

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noise.bank import load_pattern_file, pattern_bank
+from noise.bank import bank_params, load_pattern_file, pattern_bank
 from noise.textures import COLOURS, check_colour, get_xp, rank_normalise
 
 MASK_TYPES = (*COLOURS, "random")
@@ -50,8 +50,10 @@ class MaskGenerator:
     CuPy for "cuda[:N]". The random stream is a numpy generator seeded by (seed, rank), so a seed
     gives the same masks on both devices and each distributed rank gets its own stream.
 
-    ``bank_path`` loads the authors' npz instead of generated banks; a "{colour}" in the path is
-    replaced by the colour. Loaded textures are rank-normalised (order kept, ties broken).
+    Banks come from ``pattern_bank(colour, cache_dir=cache_dir, **bank_options)``, or with
+    ``bank_path`` from the authors' npz ("{colour}" in the path is replaced by the colour; loaded
+    textures are rank-normalised: order kept, ties broken). ``bank_info`` says which, per colour,
+    for logging with the run.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class MaskGenerator:
         bank_path: str | Path | None = None,
         rotate: bool = False,
         cache_dir: str | Path | None = None,
+        bank_options: dict | None = None,
     ):
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1); got {mask_ratio}")
@@ -83,8 +86,27 @@ class MaskGenerator:
         self.epoch = 0
         self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.rank,)))
         colours = sorted({colour for _, colour in self.schedule} - {"random"})
+        self.bank_info: dict[str, dict] = {}  # where each colour's textures came from, for logging
+        self._banks = {
+            colour: self._load_bank(colour, bank_path, cache_dir, bank_options or {}) for colour in colours
+        }
+
+    def _load_bank(self, colour: str, bank_path, cache_dir, options: dict):
+        """The colour's textures on the generator's device, recorded in ``bank_info``."""
+        if bank_path is None:
+            self.bank_info[colour] = bank_params(colour, **options)
+            textures = pattern_bank(colour, cache_dir=cache_dir, **options)
+        else:
+            path = str(bank_path).replace("{colour}", colour)
+            self.bank_info[colour] = {"file": path}
+            textures = rank_normalise(load_pattern_file(path))
+        if min(textures.shape[1:]) < self.grid:
+            raise ValueError(
+                f"grid {self.grid} is larger than the {colour} textures {textures.shape[1:]}; "
+                "use textures of at least grid x grid cells"
+            )
         with self._on_device():
-            self._banks = {colour: self._load_bank(colour, bank_path, cache_dir) for colour in colours}
+            return self.xp.asarray(textures)
 
     def _on_device(self):
         """Context that makes CuPy allocate on this generator's GPU (no-op on the CPU)."""
@@ -93,18 +115,6 @@ class MaskGenerator:
         index = self.device.partition(":")[2]
         return self.xp.cuda.Device(int(index) if index else None)
 
-    def _load_bank(self, colour: str, bank_path, cache_dir):
-        if bank_path is None:
-            textures = pattern_bank(colour, cache_dir=cache_dir)
-        else:
-            textures = rank_normalise(load_pattern_file(str(bank_path).replace("{colour}", colour)))
-        if min(textures.shape[1:]) < self.grid:
-            raise ValueError(
-                f"grid {self.grid} is larger than the {colour} textures {textures.shape[1:]}; "
-                "use textures of at least grid x grid cells"
-            )
-        return self.xp.asarray(textures)
-
     @property
     def colour(self) -> str:
         """The mask type in force for the current epoch."""
@@ -112,6 +122,8 @@ class MaskGenerator:
 
     def set_epoch(self, epoch: int) -> None:
         """Move the colour schedule to ``epoch`` (the random stream is not reset)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
         self.epoch = int(epoch)
 
     def __call__(self, batch_size: int):

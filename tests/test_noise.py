@@ -271,6 +271,17 @@ def test_bad_generator_arguments_raise(tmp_path, cache_dir):
     assert noise.get_xp("cpu") is np
 
 
+def test_bank_options_are_used_and_reported(tmp_path):
+    options = {"count": 4, "size": 16, "sigma": 2.0}
+    generator = MaskGenerator("red", 7, cache_dir=tmp_path, bank_options=options)
+    assert generator.bank_info["red"] == noise.bank_params("red", **options)
+    assert ((~generator(8)).sum(axis=1) == 12).all()
+    with pytest.raises(ValueError, match=r"grid 20 is larger than the red textures \(16, 16\)"):
+        MaskGenerator("red", 20, cache_dir=tmp_path, bank_options=options)
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        generator.set_epoch(-1)
+
+
 # ---------------------------------------------------------------- torch helpers
 
 
