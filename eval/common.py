@@ -20,7 +20,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help="model preset the checkpoint must match (e.g. vit_base); checked, not rebuilt")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: runs/mlflow.db)")
+    parser.add_argument("--uri", default=None,
+                        help="MLflow tracking URI (default: the pretraining run's store)")
     parser.add_argument("--experiment", default=None,
                         help="MLflow experiment (default: the pretraining run's, from the checkpoint config)")
     parser.add_argument("--pretrain-run-id", default=None,
@@ -73,7 +74,7 @@ def image_and_patch_size(mae: nn.Module) -> tuple[int, int]:
 
 
 def training_config(checkpoint: dict) -> dict:
-    """The pretraining config stored in the checkpoint, flattened to dotted keys."""
+    """The pretraining config stored in the checkpoint, flattened to dotted keys ("mask.schedule")."""
 
     def flatten(value, prefix=""):
         if isinstance(value, dict):
@@ -83,14 +84,6 @@ def training_config(checkpoint: dict) -> dict:
             yield prefix[:-1], value
 
     return dict(flatten(checkpoint.get("config") or {}))
-
-
-def config_value(config: dict, name: str, default=None):
-    """Value of `name` in a flattened config, matching the last dotted component."""
-    for key, value in config.items():
-        if key == name or key.endswith(f".{name}"):
-            return value
-    return default
 
 
 def pretrain_run_id(checkpoint: dict, override: str | None = None) -> str:
@@ -110,15 +103,16 @@ def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str) ->
 
     Closed FINISHED on success and FAILED when the evaluation raises.
     """
-    from tracking import Tracker, default_tracking_uri
+    from tracking import Tracker, resolve_uri
 
     run_id = pretrain_run_id(checkpoint, args.pretrain_run_id)
     config = training_config(checkpoint)
-    experiment = args.experiment or config_value(config, "experiment") or "colormae"
+    uri = resolve_uri(args.uri or config.get("log.mlflow_uri"), config.get("log.runs_root", "runs"))
+    experiment = args.experiment or config.get("log.experiment", "colormae")
     tags = {"pretrain_run_id": run_id, "evaluation": evaluation, "checkpoint": checkpoint["path"],
-            "mask": str(config_value(config, "mask", "")), "seed": str(config_value(config, "seed", ""))}
-    tracker = Tracker(args.uri or default_tracking_uri("runs"), experiment,
-                      run_name=f"{evaluation}-{run_id[:8]}", tags=tags, offline_dir=args.offline_dir)
+            "mask": config.get("mask.schedule", ""), "seed": config.get("train.seed", "")}
+    tracker = Tracker(uri, experiment, run_name=f"{evaluation}-{run_id[:8]}", tags=tags,
+                      offline_dir=args.offline_dir)
     tracker.log_params({"checkpoint_epoch": checkpoint.get("epoch", 0), **checkpoint["model_args"]})
     try:
         yield tracker

@@ -155,12 +155,13 @@ def write_report(samples: pd.DataFrame, metrics: list[str], out: Path, baseline:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Command line: read an experiment, write and log the comparison."""
-    from tracking import Tracker, default_tracking_uri
+    from tracking import Tracker, resolve_uri
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True)
-    parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: runs/mlflow.db)")
+    parser.add_argument("--uri", default=None,
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--by", default="mask",
                         help="pretraining parameter to group by (mask = colour or schedule)")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--baseline", default="random", help="group the others are tested against")
     args = parser.parse_args(argv)
 
-    uri = args.uri or default_tracking_uri("runs")
+    uri = resolve_uri(args.uri, "runs")
     runs = fetch_runs(args.experiment, uri)
     samples = samples_from_runs(runs, args.by)
     evaluated = runs[runs.get("tags.pretrain_run_id", pd.Series(dtype=str)).fillna("") != ""]

