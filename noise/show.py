@@ -7,11 +7,12 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from noise.bank import pattern_bank
-from noise.masks import MaskGenerator
+from noise.masks import MASK_TYPES, MaskGenerator
 from noise.textures import COLOURS, check_colour, radial_power_spectrum
 
 MASKS_PER_COLOUR = 4
@@ -26,42 +27,53 @@ def render(
     seed: int = 0,
     cache_dir: str | Path | None = None,
 ) -> Path:
-    """Draw the gallery for ``colours`` (default banks) into the PNG ``path`` and return the path."""
+    """Draw the gallery for ``colours`` (default banks) into the PNG ``path`` and return the path.
+
+    ``"random"`` is accepted too: its row shows masks only (it has no texture).
+    """
     for colour in colours:
-        check_colour(colour)
+        check_colour(colour, MASK_TYPES)
     columns = 2 + MASKS_PER_COLOUR
     figure = Figure(figsize=(2.0 * columns, 2.0 * len(colours)), layout="constrained")
     FigureCanvasAgg(figure)
     figure.suptitle(f"ColorMAE masks (white = visible patch), seed {seed}", fontsize=10)
     axes = figure.subplots(len(colours), columns, squeeze=False)
     for row, colour in zip(axes, colours, strict=True):
-        bank = pattern_bank(colour, cache_dir=cache_dir)
         masks = MaskGenerator(colour, grid, ratio, seed=seed, cache_dir=cache_dir)(MASKS_PER_COLOUR)
-        row[0].imshow(bank[0], cmap="gray", interpolation="nearest")
-        row[0].set_ylabel(colour, fontsize=12)
-        row[0].set_title(f"texture {bank.shape[1]}x{bank.shape[2]}", fontsize=8)
         for axis, mask in zip(row[1:-1], masks, strict=True):
             axis.imshow(~mask.reshape(grid, grid), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axis.set_title(f"mask {grid}x{grid}, {ratio:.0%} hidden", fontsize=8)
         for axis in row[:-1]:
             axis.set_xticks([])
             axis.set_yticks([])
-        freqs, power = radial_power_spectrum(bank[:16])
-        row[-1].semilogy(freqs, power / power.mean())
-        row[-1].set_ylim(1e-3, 3e1)
-        row[-1].set_title("radial power spectrum", fontsize=8)
-        row[-1].set_xlabel("cycles / cell", fontsize=8)
-        row[-1].tick_params(labelsize=7)
+        row[0].set_ylabel(colour, fontsize=12)
+        if colour == "random":
+            row[-1].axis("off")
+            row[0].text(0.5, 0.5, "uniform random\n(no texture)", ha="center", va="center", fontsize=9)
+        else:
+            draw_bank(row[0], row[-1], pattern_bank(colour, cache_dir=cache_dir))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
 
 
+def draw_bank(texture_axis, spectrum_axis, bank: np.ndarray) -> None:
+    """The bank's first texture and its radially averaged power spectrum (over 16 textures)."""
+    texture_axis.imshow(bank[0], cmap="gray", interpolation="nearest")
+    texture_axis.set_title(f"texture {bank.shape[1]}x{bank.shape[2]}", fontsize=8)
+    freqs, power = radial_power_spectrum(bank[:16])
+    spectrum_axis.semilogy(freqs, power / power.mean())
+    spectrum_axis.set_ylim(1e-3, 3e1)
+    spectrum_axis.set_title("radial power spectrum", fontsize=8)
+    spectrum_axis.set_xlabel("cycles / cell", fontsize=8)
+    spectrum_axis.tick_params(labelsize=7)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--colours", nargs="+", default=list(COLOURS), help=f"from {', '.join(COLOURS)}")
+    parser.add_argument("--colours", nargs="+", default=list(COLOURS), help=f"from {', '.join(MASK_TYPES)}")
     parser.add_argument("--grid", type=int, default=14, help="patch grid side (image size / patch size)")
     parser.add_argument("--ratio", type=float, default=0.75, help="mask ratio in (0, 1)")
     parser.add_argument("--seed", type=int, default=0)

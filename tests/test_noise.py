@@ -336,7 +336,7 @@ def test_cupy_path_matches_numpy(cache_dir):
 def test_show_renders_a_png(tmp_path, cache_dir):
     from noise import show
 
-    path = show.render(tmp_path / "gallery" / "masks.png", ["green", "red"], grid=7, cache_dir=cache_dir)
+    path = show.render(tmp_path / "gallery" / "masks.png", ["green", "random"], grid=7, cache_dir=cache_dir)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown mask colour"):
         show.render(tmp_path / "x.png", ["orange"])
