@@ -139,6 +139,7 @@ class MaskGenerator:
         return self.xp.asarray(self._rng.permuted(np.tile(row, (batch_size, 1)), axis=1))
 
     def _colour_masks(self, bank, batch_size: int):
+        """Per sample: a texture, an offset and flips (and a transpose); the crop's top K stay visible."""
         xp, rng, grid = self.xp, self._rng, self.grid
         count, height, width = bank.shape
         # Small per-sample draws on the host (same stream on every device), index maths on xp.
@@ -164,6 +165,7 @@ class MaskGenerator:
         return {"epoch": self.epoch, "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned: the next call draws what the saved generator would have."""
         self.epoch = int(state["epoch"])
         self._rng.bit_generator.state = state["rng"]
 
