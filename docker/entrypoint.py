@@ -1,0 +1,105 @@
+"""Container entry point: run train.py under torchrun on every GPU of this node.
+
+    entrypoint.py [train.py flags ...]     # flags go to train.py unchanged
+    entrypoint.py COMMAND [ARGS ...]       # a first argument that is not a flag runs COMMAND instead
+
+One process per visible GPU, or one CPU process when the node has none. Environment:
+
+    NPROC_PER_NODE    processes on this node (default: visible GPUs, 1 without a GPU)
+    NNODES            nodes in the job, "N" or an elastic range "MIN:MAX" (default 1)
+    RDZV_ENDPOINT     host[:port] of the c10d rendezvous (needed when NNODES is not 1)
+    RDZV_ID           job id shared by all nodes (needed when NNODES is not 1)
+    MAX_RESTARTS      torchrun worker-group restarts after a failure (default 0)
+    SHUTDOWN_TIMEOUT  seconds the workers get to checkpoint after SIGTERM/SIGUSR1 (default 120)
+    ENTRYPOINT_DRY_RUN=1   print the command instead of running it
+
+Node ranks are assigned by the c10d rendezvous, so nodes need no NODE_RANK.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+TRAIN_SCRIPT = str(Path(__file__).resolve().parent.parent / "train.py")
+# SIGUSR1 is SLURM's "time is nearly up" signal; torchrun must forward it, not die of it.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def visible_gpus() -> int:
+    """Number of CUDA devices this process can see (honours CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    text = env.get(name, "").strip() or str(default)
+    if not text.isdigit() or int(text) < minimum:
+        raise ValueError(f"{name}={text!r}: expected an integer >= {minimum}")
+    return int(text)
+
+
+def _nnodes(env: Mapping[str, str]) -> str:
+    text = env.get("NNODES", "").strip() or "1"
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", text)
+    if not match or int(match[1]) < 1 or (match[2] and int(match[2]) < int(match[1])):
+        raise ValueError(f"NNODES={text!r}: expected a node count N >= 1 or a range MIN:MAX")
+    return text
+
+
+def torchrun_command(train_args: Sequence[str], env: Mapping[str, str], gpus: int) -> list[str]:
+    """The torchrun command line that runs train.py with `train_args` on this node."""
+    nproc = _positive_int(env, "NPROC_PER_NODE", max(gpus, 1))
+    nnodes = _nnodes(env)
+    command = [
+        "torchrun",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={_positive_int(env, 'MAX_RESTARTS', 0, minimum=0)}",
+        f"--signals-to-handle={FORWARDED_SIGNALS}",
+        f"--shutdown-timeout={_positive_int(env, 'SHUTDOWN_TIMEOUT', 120, minimum=0)}",
+    ]
+    endpoint, run_id = env.get("RDZV_ENDPOINT", "").strip(), env.get("RDZV_ID", "").strip()
+    if nnodes == "1" and not endpoint:
+        command.append("--standalone")
+    elif not endpoint or not run_id:
+        raise ValueError(
+            f"NNODES={nnodes} needs RDZV_ENDPOINT (host:port reachable from every node) and RDZV_ID "
+            f"(one id shared by the job's nodes); got RDZV_ENDPOINT={endpoint!r} RDZV_ID={run_id!r}"
+        )
+    else:
+        command += [
+            f"--nnodes={nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}",
+        ]
+    return [*command, TRAIN_SCRIPT, *train_args]
+
+
+def build_command(argv: Sequence[str], env: Mapping[str, str], gpus: int | None = None) -> list[str]:
+    """Command for the container arguments: torchrun + train.py, or `argv` itself when it names a program."""
+    if argv and not argv[0].startswith("-"):
+        return list(argv)
+    return torchrun_command(argv, env, visible_gpus() if gpus is None else gpus)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Replace this process with the command (print it instead under ENTRYPOINT_DRY_RUN=1)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command = build_command(argv, os.environ)
+    except ValueError as error:
+        sys.exit(f"entrypoint: {error}")
+    if os.environ.get("ENTRYPOINT_DRY_RUN") == "1":
+        print(shlex.join(command))
+        return
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

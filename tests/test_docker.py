@@ -1,0 +1,223 @@
+"""docker/ without a Docker engine: hadolint, the compose schema, shell lint, the entrypoint's commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+VENV_BIN = Path(sys.executable).parent
+
+# Loaded from its file: `import docker` is the Docker SDK that mlflow depends on.
+_spec = importlib.util.spec_from_file_location("entrypoint", DOCKER / "entrypoint.py")
+entrypoint_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(entrypoint_module)
+TRAIN_SCRIPT, build_command = entrypoint_module.TRAIN_SCRIPT, entrypoint_module.build_command
+
+
+def tool(name: str) -> str:
+    """A lint tool from the .venv (installed from requirements-dev.txt)."""
+    path = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if path is None:
+        pytest.fail(f"{name} is missing: run `bash scripts/setup.sh` (requirements-dev.txt installs it)")
+    return path
+
+
+def run(*command: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+# ---- the image -------------------------------------------------------------------------------
+
+def test_dockerfile_passes_hadolint():
+    result = run(tool("hadolint"), "--no-color", str(DOCKER / "Dockerfile"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_reports_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get install curl\n")
+    result = run(tool("hadolint"), "--no-color", str(bad))
+    assert result.returncode != 0 and "DL3006" in result.stdout
+
+
+def test_dependencies_are_installed_before_the_code_is_copied():
+    lines = [line.strip() for line in (DOCKER / "Dockerfile").read_text().splitlines()]
+    trainer = lines[next(i for i, line in enumerate(lines) if line.endswith("AS trainer")):]
+    requirements = next(i for i, line in enumerate(trainer) if "-r /tmp/requirements.txt" in line)
+    code = trainer.index("COPY . /app")
+    assert trainer.index("COPY requirements.txt /tmp/requirements.txt") < requirements < code
+    assert "USER 1000:1000" in trainer[code:]
+
+
+def test_dockerignore_keeps_data_runs_and_environments_out():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "data", "runs", "mlruns", "docker/.env"} <= ignored
+
+
+# ---- the compose stack -----------------------------------------------------------------------
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema with the compose-spec schema it vendors (no download)."""
+    return run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path))
+
+
+def test_compose_file_matches_the_compose_schema():
+    result = check_compose(DOCKER / "compose.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_schema_rejects_a_broken_file(tmp_path):
+    broken = compose()
+    broken["services"]["mlflow"]["healthcheck"]["retries"] = "many"
+    broken["services"]["trainer"]["deploy"]["resources"]["reservations"]["gpus"] = "all"
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    assert check_compose(path).returncode != 0
+
+
+def test_every_service_restarts_and_the_servers_have_health_checks():
+    services = compose()["services"]
+    assert all(service.get("restart") for service in services.values())
+    assert {"test", "interval"} <= services["postgres"]["healthcheck"].keys()
+    assert {"test", "interval"} <= services["mlflow"]["healthcheck"].keys()
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_published_ports_bind_to_localhost_by_default():
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            host = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(port)).split(":")[0]
+            assert host == "127.0.0.1", f"{name} publishes {port}"
+
+
+def test_state_lives_in_named_volumes():
+    config = compose()
+    declared = set(config["volumes"])
+    for name in ("postgres", "mlflow"):
+        mounts = [volume.split(":")[0] for volume in config["services"][name]["volumes"]]
+        assert mounts and set(mounts) <= declared, f"{name} mounts {mounts}"
+
+
+def test_trainer_reserves_gpus_and_logs_to_the_server():
+    trainer = compose()["services"]["trainer"]
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert trainer["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "/data:ro" in " ".join(trainer["volumes"])
+
+
+def test_secrets_come_from_the_env_file_and_the_example_names_them_all():
+    text = (DOCKER / "compose.yaml").read_text()
+    assert not re.search(r"PASSWORD: (?!\$\{)", text), "a password is written into compose.yaml"
+    used = set(re.findall(r"\$\{(\w+)", text))
+    example = (DOCKER / ".env.example").read_text()
+    documented = set(re.findall(r"^(\w+)=", example, flags=re.MULTILINE))
+    assert used == documented
+    assert re.search(r"^POSTGRES_PASSWORD=$", example, flags=re.MULTILINE), "the example holds a password"
+    ignored = run("git", "check-ignore", "-q", "docker/.env", cwd=ROOT)
+    assert ignored.returncode == 0, "docker/.env is not git-ignored"
+
+
+# ---- shell scripts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["mlflow-server.sh", "slurm/train.sbatch"])
+def test_shell_scripts_pass_shellcheck(script):
+    result = run(tool("shellcheck"), str(DOCKER / script))
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({}, "MLFLOW_BACKEND_STORE_URI"),
+    ({"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://x", "MLFLOW_AUTH": "yes"}, "expected true or false"),
+    ({"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://x", "MLFLOW_AUTH": "true"},
+     "MLFLOW_AUTH_ADMIN_PASSWORD"),
+])
+def test_mlflow_server_script_names_a_missing_or_bad_setting(tmp_path, env, message):
+    env = {"PATH": os.environ["PATH"], "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "a"), **env}
+    result = run("sh", str(DOCKER / "mlflow-server.sh"), env=env)
+    assert result.returncode != 0 and message in result.stderr
+
+
+# ---- the entrypoint --------------------------------------------------------------------------
+
+def flag(command: list[str], name: str) -> str | None:
+    """Value of torchrun's --name=value in `command` (None when absent)."""
+    return next((arg.split("=", 1)[1] for arg in command if arg.startswith(f"--{name}=")), None)
+
+
+def test_one_process_per_gpu_and_flags_pass_through_unchanged():
+    args = ["--config", "configs/demo.yaml", "train.epochs=2", "--mlflow-uri", "http://mlflow:5000"]
+    command = build_command(args, {}, gpus=4)
+    assert command[0] == "torchrun" and "--standalone" in command
+    assert flag(command, "nproc-per-node") == "4"
+    assert command[command.index(TRAIN_SCRIPT) + 1:] == args
+    assert "SIGUSR1" in flag(command, "signals-to-handle").split(",")
+
+
+def test_no_gpu_falls_back_to_one_cpu_process():
+    assert flag(build_command([], {}, gpus=0), "nproc-per-node") == "1"
+
+
+def test_nproc_per_node_overrides_the_gpu_count():
+    assert flag(build_command([], {"NPROC_PER_NODE": "2"}, gpus=8), "nproc-per-node") == "2"
+
+
+def test_multi_node_uses_c10d_rendezvous():
+    env = {"NNODES": "4", "RDZV_ENDPOINT": "node001:29500", "RDZV_ID": "job42", "MAX_RESTARTS": "3"}
+    command = build_command(["--config", "x.yaml"], env, gpus=8)
+    assert "--standalone" not in command
+    assert (flag(command, "nnodes"), flag(command, "rdzv-backend")) == ("4", "c10d")
+    assert (flag(command, "rdzv-endpoint"), flag(command, "rdzv-id")) == ("node001:29500", "job42")
+    assert (flag(command, "nproc-per-node"), flag(command, "max-restarts")) == ("8", "3")
+    assert flag(build_command([], {**env, "NNODES": "2:4"}, gpus=8), "nnodes") == "2:4"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"NNODES": "2"}, "RDZV_ENDPOINT"),
+    ({"NNODES": "2", "RDZV_ENDPOINT": "node001:29500"}, "RDZV_ID"),
+    ({"NNODES": "0"}, "NNODES='0'"),
+    ({"NNODES": "4:2"}, "MIN:MAX"),
+    ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two'"),
+    ({"SHUTDOWN_TIMEOUT": "-5"}, "SHUTDOWN_TIMEOUT"),
+])
+def test_bad_launch_settings_are_named(env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_command([], env, gpus=1)
+
+
+def test_a_command_instead_of_flags_runs_as_given():
+    assert build_command(["python", "-m", "eval.knn", "--help"], {}, gpus=8) == [
+        "python", "-m", "eval.knn", "--help"]
+
+
+def entrypoint(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ENTRYPOINT_DRY_RUN": "1", **env}
+    return run(sys.executable, str(DOCKER / "entrypoint.py"), *args, env=environ)
+
+
+def test_dry_run_finds_no_gpu_here_and_prints_one_cpu_process():
+    result = entrypoint("--config", "configs/demo.yaml", "train.epochs=1")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("torchrun --nproc-per-node=1 ") and " --standalone " in line
+    assert line.endswith(f"{TRAIN_SCRIPT} --config configs/demo.yaml train.epochs=1")
+
+
+def test_a_bad_setting_exits_with_its_name(monkeypatch):
+    monkeypatch.setenv("NNODES", "3")
+    with pytest.raises(SystemExit, match="entrypoint: NNODES=3 needs RDZV_ENDPOINT"):
+        entrypoint_module.main(["--config", "x.yaml"])
