@@ -1,0 +1,167 @@
+"""Dataset preparation commands.
+
+    python -m pipelines.prepare fashion-mnist --out data/fashion-mnist [--limit N]
+    python -m pipelines.prepare ffcv --src DIR/train --out DIR/train.beton [--max-resolution 512]
+    python -m pipelines.prepare jpeg-corpus --out DIR --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+)  # fmt: skip
+FASHION_MNIST_SPLITS = {"train": "train", "val": "t10k"}
+STAMP = ".prepared.json"
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped) as a uint8 array: images (N, H, W) or labels (N,)."""
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    shape = np.frombuffer(data, dtype=">u4", count=ndim, offset=4)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _ensure_fashion_mnist(src: Path) -> None:
+    if (src / "train-images-idx3-ubyte.gz").exists():
+        return
+    if src == FASHION_MNIST_DIR and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"prepare: installing the Debian package {FASHION_MNIST_PACKAGE}", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", FASHION_MNIST_PACKAGE], check=False)
+    if not (src / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(
+            f"Fashion-MNIST IDX files not found in {src}; install them with "
+            f"`sudo apt-get install {FASHION_MNIST_PACKAGE}` or pass --src DIR"
+        )
+
+
+def prepare_fashion_mnist(out: Path, *, src: Path = FASHION_MNIST_DIR, limit: int | None = None) -> Path:
+    """IDX files -> out/{train,val}/<class>/<index>.png as 3-channel 28x28 PNGs (idempotent)."""
+    stamp = out / STAMP
+    wanted = {"dataset": "fashion-mnist", "limit": limit}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        print(f"prepare: {out} is ready (Fashion-MNIST, limit={limit})")
+        return out
+    _ensure_fashion_mnist(src)
+    jobs = []
+    for split, prefix in FASHION_MNIST_SPLITS.items():
+        images = _read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:limit]
+        labels = _read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:limit]
+        if (out / split).exists():
+            shutil.rmtree(out / split)  # a different limit, or an interrupted run
+        for name in FASHION_MNIST_CLASSES:
+            (out / split / name).mkdir(parents=True)
+        jobs += [
+            (np.repeat(img[:, :, None], 3, axis=2), out / split / FASHION_MNIST_CLASSES[y] / f"{i:05d}.png")
+            for i, (img, y) in enumerate(zip(images, labels, strict=True))
+        ]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(lambda job: Image.fromarray(job[0]).save(job[1], compress_level=1), jobs))
+    stamp.write_text(json.dumps(wanted))
+    print(f"prepare: wrote {len(jobs)} Fashion-MNIST images to {out}/{{train,val}}")
+    return out
+
+
+def _corpus_photos() -> list[Path]:
+    """The real colour photographs shipped with mvtb-data that are big enough to cut 500x375 from."""
+    import mvtbdata
+
+    photos = []
+    for path in sorted((Path(mvtbdata.__file__).parent / "images").rglob("*")):
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            continue
+        with Image.open(path) as img:
+            if img.mode in ("RGB", "RGBA") and min(img.size) >= 375 and max(img.size) >= 500:
+                photos.append(path)
+    return photos
+
+
+def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: int = 0) -> Path:
+    """ImageNet-like JPEGs (~500x375, quality 90) in `classes` folders, cut from real photos."""
+    stamp = out / STAMP
+    wanted = {"dataset": "jpeg-corpus", "n": n, "classes": classes, "seed": seed}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        print(f"prepare: {out} is ready (JPEG corpus, n={n})")
+        return out
+    photos = _corpus_photos()
+    if not photos:
+        raise SystemExit("no photos found in the mvtb-data package; `pip install mvtb-data`")
+    rng = np.random.default_rng(seed)
+
+    def cut(i: int) -> None:
+        local = np.random.default_rng([seed, i])
+        photo = i % len(photos)
+        with Image.open(photos[photo]) as img:
+            img = img.convert("RGB")
+        width, height = (500, 375) if local.random() < 0.75 else (375, 500)
+        scale = max(width / img.width, height / img.height) * local.uniform(1.0, 2.0)  # crop fits
+        w, h = int(width / scale), int(height / scale)
+        x, y = int(local.integers(0, img.width - w + 1)), int(local.integers(0, img.height - h + 1))
+        crop = img.crop((x, y, x + w, y + h)).resize((width, height), Image.BICUBIC)
+        if local.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop.save(out / f"n{photo % classes:08d}" / f"img_{i:06d}.JPEG", quality=90)
+
+    if out.exists():
+        shutil.rmtree(out)
+    for c in range(classes):
+        (out / f"n{c:08d}").mkdir(parents=True)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(cut, rng.permutation(n)))
+    stamp.write_text(json.dumps(wanted))
+    print(f"prepare: wrote {n} JPEGs cut from {len(photos)} photos to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fm = commands.add_parser("fashion-mnist", help="Debian IDX files -> train/ and val/ class folders")
+    fm.add_argument("--out", type=Path, required=True)
+    fm.add_argument("--src", type=Path, default=FASHION_MNIST_DIR, help="folder with the gzipped IDX files")
+    fm.add_argument("--limit", type=int, default=None, help="keep the first N images of each split")
+    ff = commands.add_parser("ffcv", help="class folder -> .beton")
+    ff.add_argument("--src", type=Path, required=True)
+    ff.add_argument("--out", type=Path, required=True)
+    ff.add_argument("--max-resolution", type=int, default=512, help="longest side kept (pixels)")
+    ff.add_argument("--jpeg-quality", type=int, default=90)
+    ff.add_argument("--write-mode", default="jpg", help="raw | jpg | smart | proportion")
+    ff.add_argument("--workers", type=int, default=None)
+    jc = commands.add_parser("jpeg-corpus", help="ImageNet-like JPEG folders cut from mvtb-data photos")
+    jc.add_argument("--out", type=Path, required=True)
+    jc.add_argument("--n", type=int, default=2000)
+    jc.add_argument("--classes", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    if args.command == "fashion-mnist":
+        prepare_fashion_mnist(args.out, src=args.src, limit=args.limit)
+    elif args.command == "jpeg-corpus":
+        prepare_jpeg_corpus(args.out, n=args.n, classes=args.classes)
+    else:
+        from .ffcv_loader import write_beton
+        from .manifest import scan
+
+        manifest = scan(args.src, workers=args.workers)
+        path = write_beton(manifest, args.out, max_resolution=args.max_resolution,
+                           jpeg_quality=args.jpeg_quality, write_mode=args.write_mode, workers=args.workers)
+        print(f"prepare: wrote {len(manifest)} images to {path} ({manifest.num_skipped} skipped)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
