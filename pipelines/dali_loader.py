@@ -46,7 +46,8 @@ def image_pipeline(files, labels, *, shard_id, num_shards, img_size, train, gpu,
         mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=eval_resize_size(img_size), interp_type=cubic, antialias=True)
+        short_side = eval_resize_size(img_size)
+        images = fn.resize(images, resize_shorter=short_side, interp_type=cubic, antialias=True)
         mirror = 0
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=[img_size, img_size], mirror=mirror,

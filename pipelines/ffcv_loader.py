@@ -72,14 +72,10 @@ def write_beton(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    fields = {
-        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
-        "label": IntField(),
-    }
-    DatasetWriter(str(tmp), fields, num_workers=workers or os.cpu_count() or 1).from_indexed_dataset(
-        _ManifestImages(manifest)
-    )
-    meta = {"classes": manifest.classes, "num_skipped": manifest.num_skipped, "signature": manifest.signature()}
+    image = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality)
+    writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=workers or -1)
+    writer.from_indexed_dataset(_ManifestImages(manifest))
+    meta = {"classes": manifest.classes, "num_skipped": manifest.num_skipped}
     Path(f"{out}.json").write_text(json.dumps(meta))
     os.replace(tmp, out)
     return out
@@ -112,7 +108,7 @@ class FFCVLoader(BaseLoader):
             path = manifest.cache_dir / f"ffcv-{manifest.signature()}.beton"
         if not path.exists():
             if manifest is None:
-                raise FileNotFoundError(f"ffcv_path {path} does not exist and no `data` folder to write it from")
+                raise FileNotFoundError(f"ffcv_path {path} does not exist and `data` is not set to write it")
             log.warning("writing %s from %s (first use)", path, manifest.root)
             write_beton(manifest, path, workers=cfg.workers or None)
         super().__init__(cfg, manifest)
