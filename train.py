@@ -340,7 +340,9 @@ class Trainer:
         from noise.show import render
 
         figure = self.run_dir / "masks.png"
-        render(figure, colours=sorted({colour for _, colour in parse_schedule(self.cfg.mask.schedule)}))
+        colours = sorted({colour for _, colour in parse_schedule(self.cfg.mask.schedule)})
+        grid = self.cfg.data.img_size // self.model.patch_size
+        render(figure, colours, grid=grid, ratio=self.cfg.mask.ratio)
         self.tracker.log_artifact(figure, "figures")
 
 

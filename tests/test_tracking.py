@@ -1,0 +1,122 @@
+"""tracking.Tracker: the embedded SQLite store, resumed runs, and a store that cannot be reached.
+
+A real `mlflow server` that dies in the middle of a training run is tested in test_train.py.
+"""
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+import tracking
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for the module (creating its tables takes seconds); tests use own experiments."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> list[str]:
+    return sorted(a.path for a in client.list_artifacts(run_id, folder))
+
+
+def test_sqlite_store_records_params_metrics_tags_and_artifacts(store, tmp_path):
+    uri = tracking.default_tracking_uri(store)
+    assert uri == f"sqlite:///{store.resolve()}/mlflow.db"
+    tracker = tracking.Tracker(uri, "records", run_name="demo", tags={"loader": "torch"},
+                               offline_dir=tmp_path / "demo")
+    tracker.log_params({"train.epochs": 2, "mask.schedule": "green"})
+    for step in (1, 2, 3):
+        tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-3}, step)
+    figure = tmp_path / "recon.png"
+    figure.write_bytes(b"png")
+    tracker.log_artifact(figure, "reconstructions")
+    tracker.close()
+
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "demo"
+    assert run.data.params == {"train.epochs": "2", "mask.schedule": "green"}
+    assert run.data.tags["loader"] == "torch"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
+        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert artifact_paths(client, tracker.run_id, "reconstructions") == ["reconstructions/recon.png"]
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
+    assert not (tmp_path / "demo" / tracking.OFFLINE_FILE).exists()
+
+
+def test_resumed_run_continues_and_keeps_original_params(store, tmp_path, caplog):
+    uri = tracking.default_tracking_uri(store)
+    first = tracking.Tracker(uri, "resumed", offline_dir=tmp_path)
+    first.log_params({"train.epochs": 2})
+    first.log_metrics({"loss": 1.0}, 1)
+    first.close("KILLED")
+    again = tracking.Tracker(uri, "resumed", run_id=first.run_id, tags={"resumed": 1}, offline_dir=tmp_path)
+    assert again.run_id == first.run_id
+    again.log_params({"train.epochs": 4, "lr": 0.1})  # a changed param is reported, not fatal
+    again.log_metrics({"loss": 0.5}, 2)
+    again.close()
+
+    assert "params differ from the original run" in caplog.text and not again.offline
+    run = MlflowClient(uri).get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.epochs": "2", "lr": "0.1"} and run.data.tags["resumed"] == "1"
+    assert [m.step for m in MlflowClient(uri).get_metric_history(first.run_id, "loss")] == [1, 2]
+
+
+def test_unreachable_server_keeps_everything_offline_then_syncs(store, tmp_path, caplog):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    tracker = tracking.Tracker(dead, "offline", run_name="offline", tags={"mask": "green"},
+                               offline_dir=tmp_path)
+    tracker.log_params({"train.epochs": 2})
+    for step in range(1, 6):
+        tracker.log_metrics({"loss": float(step)}, step)
+    (tmp_path / "masks.png").write_bytes(b"png")
+    tracker.log_artifact(tmp_path / "masks.png", "figures")
+    tracker.close()
+    assert time.monotonic() - start < 60, "a dead server must not stall training for minutes"
+    assert tracker.offline and tracker.run_id is None
+    assert caplog.text.count("is unreachable") == 1  # warned once, not per call
+    assert f"python tracking.py sync {tmp_path} --uri {dead}" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / tracking.OFFLINE_FILE).read_text().splitlines()]
+    assert [r["op"] for r in records] == ["start", "params", *["metrics"] * 5, "artifact", "end"]
+
+    uri = tracking.default_tracking_uri(store)
+    (run_id,) = tracking.sync(tmp_path, uri)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "offline"
+    assert run.data.params == {"train.epochs": "2"} and run.data.tags["mask"] == "green"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert artifact_paths(client, run_id, "figures") == ["figures/masks.png"]
+    with pytest.raises(FileNotFoundError, match="no offline MLflow records"):
+        tracking.sync(tmp_path, uri)  # the synced file was renamed: nothing is replayed twice
+
+
+def test_disabled_tracker_writes_nothing(tmp_path):
+    tracker = tracking.Tracker(None, "exp", enabled=False, offline_dir=tmp_path / "run")
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, 1)
+    tracker.close()
+    assert tracker.run_id is None and not (tmp_path / "run").exists()
+
+
+def test_uri_choice_and_ui_command(tmp_path, monkeypatch):
+    uri = tracking.default_tracking_uri(tmp_path)
+    assert tracking.ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(None, tmp_path) == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
+    assert tracking.resolve_uri(None, tmp_path) == "http://env-host:5000"
+    assert tracking.resolve_uri("http://flag-host:5000", tmp_path) == "http://flag-host:5000"
