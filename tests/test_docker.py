@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -17,10 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 VENV_BIN = Path(sys.executable).parent
 
-# Loaded from its file: `import docker` is the Docker SDK that mlflow depends on.
-_spec = importlib.util.spec_from_file_location("entrypoint", DOCKER / "entrypoint.py")
-entrypoint_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(entrypoint_module)
+
+
+def load(name: str):
+    """A docker/ script as a module (`import docker` is the Docker SDK that mlflow depends on)."""
+    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+entrypoint_module = load("entrypoint")
 TRAIN_SCRIPT, build_command = entrypoint_module.TRAIN_SCRIPT, entrypoint_module.build_command
 
 
@@ -62,6 +70,24 @@ def test_dependencies_are_installed_before_the_code_is_copied():
 def test_dockerignore_keeps_data_runs_and_environments_out():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "data", "runs", "mlruns", "docker/.env"} <= ignored
+
+
+def test_environment_check_runs_each_stack_on_the_cpu(capsys):
+    check_env = load("check_env")
+    check_env.main([])
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["torch"] == "2.14.1" and report["versions"]["ffcv"] == "1.0.2"
+    if not report["gpu"]:
+        assert report["dali"] == "decode on the CPU" and report["cupy"].startswith("imported; no GPU")
+        with pytest.raises(SystemExit, match="no CUDA device visible"):
+            check_env.main(["--require-gpu"])
+
+
+@pytest.mark.gpu
+def test_environment_check_runs_each_stack_on_the_gpu(capsys):
+    load("check_env").main(["--require-gpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["dali"] == "nvjpeg decode on the GPU" and report["cupy"].startswith("runtime")
 
 
 # ---- the compose stack -----------------------------------------------------------------------
