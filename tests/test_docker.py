@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,44 @@ def test_mlflow_server_script_names_a_missing_or_bad_setting(tmp_path, env, mess
     env = {"PATH": os.environ["PATH"], "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "a"), **env}
     result = run("sh", str(DOCKER / "mlflow-server.sh"), env=env)
     assert result.returncode != 0 and message in result.stderr
+
+
+FAKE_SRUN = """#!/bin/bash
+# Stands in for srun: a trainer that checkpoints on USR1, and records how it was called.
+trap 'echo checkpointed > "$RECORD/trainer"; exit 0' USR1
+echo "$NNODES $RDZV_ENDPOINT $RDZV_ID $*" > "$RECORD/srun"
+while true; do sleep 0.1; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+  show) printf 'node007\\nnode008\\n' ;;
+  requeue) echo "$2" > "$RECORD/requeued" ;;
+esac
+"""
+
+
+def test_slurm_script_checkpoints_and_requeues_on_usr1(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RECORD": str(tmp_path),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[007-008]"}
+    script = DOCKER / "slurm" / "train.sbatch"
+    job = subprocess.Popen(["bash", str(script), "--config", "c.yaml", "train.epochs=9"], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    output = job.communicate(timeout=30)[0]
+    assert job.returncode == 0, output
+    assert (tmp_path / "srun").read_text().split() == [
+        "2", "node007:29500", "4242", "--kill-on-bad-exit=1", ".venv/bin/python", "docker/entrypoint.py",
+        "--config", "c.yaml", "train.epochs=9"]
+    assert (tmp_path / "trainer").read_text().strip() == "checkpointed"
+    assert (tmp_path / "requeued").read_text().strip() == "4242"
 
 
 # ---- the entrypoint --------------------------------------------------------------------------
