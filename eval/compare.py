@@ -68,7 +68,7 @@ def samples_from_runs(runs: pd.DataFrame, by: str = "mask") -> pd.DataFrame:
 def summarise(samples: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Long table: group, metric, mean, std (sample std, ddof=1), n."""
     rows = []
-    for group, part in samples.groupby("group"):
+    for group, part in samples.groupby("group", sort=False):
         for metric in metrics:
             values = part[metric].dropna() if metric in part else pd.Series(dtype=float)
             if len(values):
@@ -103,10 +103,11 @@ def noise_verdicts(samples: pd.DataFrame, metrics: list[str], baseline: str | No
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """Groups as rows, metrics as columns, cells `mean ± std (n)`."""
+    """Groups as rows, metrics as columns (both in order of appearance), cells `mean ± std (n)`."""
     metrics = list(dict.fromkeys(summary["metric"]))
     lines = ["| group | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for group, part in summary.groupby("group"):
+    for group in dict.fromkeys(summary["group"]):
+        part = summary[summary["group"] == group]
         cells = []
         for metric in metrics:
             row = part[part["metric"] == metric]
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     uri = resolve_uri(args.uri, "runs")
     runs = fetch_runs(args.experiment, uri)
-    samples = samples_from_runs(runs, args.by)
+    samples = samples_from_runs(runs, args.by).sort_values("group")
     evaluated = runs[runs.get("tags.pretrain_run_id", pd.Series(dtype=str)).fillna("") != ""]
     metrics = args.metrics or sorted({c.removeprefix("metrics.") for c in evaluated.columns
                                       if c.startswith("metrics.") and evaluated[c].notna().any()})

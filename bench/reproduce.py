@@ -1,0 +1,278 @@
+"""Small-scale reproduction of ColorMAE's comparison: Fashion-MNIST pretraining per mask type + probes.
+
+    .venv/bin/python bench/reproduce.py --quick --json runs/reproduce-quick.json      # CPU, < 15 min
+    .venv/bin/python bench/reproduce.py --json runs/reproduce.json                    # one GPU, ~10 min
+
+For every mask type (random, red, blue, green, purple) and seed, the same MAE (`--preset`, default
+"demo": width 192, depth 6, 32 px, patch 4) is pretrained with the same budget, then probed frozen:
+k-NN (k=20, cosine, T=0.07) and a linear probe (BatchNorm + linear, AdamW) on Fashion-MNIST
+classification, and a linear segmentation probe (mIoU) on 2x2 Fashion-MNIST canvases. Raw-pixel
+baselines use the same probes on the pixels. Nothing is tuned per mask type.
+
+The whole dataset lives on the compute device; each batch is augmented there (RandomResizedCrop
+0.2-1 + horizontal flip as one grid_sample) and masked by `noise.MaskGenerator` (CuPy on GPU).
+Writes docs/results.md (table, command, hardware) and, with --json, the per-run figures.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+from timm.optim import param_groups_weight_decay  # noqa: E402
+from timm.scheduler import CosineLRScheduler  # noqa: E402
+
+from eval import compare, knn, linear_probe, seg_data, segmentation  # noqa: E402
+from eval.features import extract_tokens  # noqa: E402
+from model import build_mae  # noqa: E402
+from noise import MaskGenerator, mask_to_torch  # noqa: E402
+
+MASKS = ("random", "red", "blue", "green", "purple")
+NO_WEIGHT_DECAY = ("pos_embed", "decoder_pos_embed", "cls_token", "mask_token")
+BUDGET_FLAGS = ("train_images", "test_images", "epochs", "batch_size", "seg_train", "seg_test",
+                "probe_epochs")
+BUDGETS = {
+    "full": {"train_images": 60000, "test_images": 10000, "epochs": 30, "batch_size": 1024,
+             "seg_train": 2000, "seg_test": 500, "probe_epochs": 30, "seeds": "0,1"},
+    "quick": {"train_images": 2000, "test_images": 500, "epochs": 1, "batch_size": 64,
+              "seg_train": 300, "seg_test": 100, "probe_epochs": 10, "seeds": "0,1"},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke budget: every path in < 15 minutes")
+    parser.add_argument("--masks", default=",".join(MASKS), help="comma-separated mask types")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--preset", default="demo", help="model.PRESETS name (default demo)")
+    parser.add_argument("--img-size", type=int, default=32)
+    for name in BUDGET_FLAGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"full {BUDGETS['full'][name]}, quick {BUDGETS['quick'][name]}")
+    parser.add_argument("--base-lr", type=float, default=1.5e-4, help="lr = base_lr * batch / 256 (MAE)")
+    parser.add_argument("--pool", choices=("cls", "avg"), default="avg", help="feature for k-NN / linear")
+    parser.add_argument("--data", default=seg_data.FASHION_MNIST_DIR,
+                        help="Fashion-MNIST IDX files or class folders")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="write per-run metrics and timings here")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"), help="Markdown report")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    budget = BUDGETS["quick" if args.quick else "full"]
+    for name, value in budget.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
+    args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    return args
+
+
+def to_model_input(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 grey (N, H, W) -> ImageNet-normalised float (N, 3, size, size)."""
+    x = F.interpolate(pixels[:, None].float() / 255, size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return normalise(x)
+
+
+def normalise(grey: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=grey.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=grey.device).view(1, 3, 1, 1)
+    return (grey.expand(-1, 3, -1, -1) - mean) / std
+
+
+def random_resized_crop(pixels: torch.Tensor, size: int, generator: torch.Generator,
+                        scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Per-sample RandomResizedCrop + horizontal flip of uint8 (B, H, W) as one affine grid_sample."""
+    b, device = len(pixels), pixels.device
+    u = torch.rand(b, 5, device=device, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
+    width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0] = torch.where(u[:, 4] < 0.5, -width, width)  # negative scale = mirrored crop
+    theta[:, 0, 2] = (1 - width) * (2 * u[:, 2] - 1)
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = (1 - height) * (2 * u[:, 3] - 1)
+    grid = F.affine_grid(theta, [b, 1, size, size], align_corners=False)
+    crops = F.grid_sample(pixels[:, None].float() / 255, grid, mode="bilinear", padding_mode="border",
+                          align_corners=False)
+    return normalise(crops)
+
+
+def load_data(args) -> dict:
+    """Fashion-MNIST items and segmentation canvases, on the compute device."""
+    train_x, train_y, _ = seg_data.load_fashion_mnist(args.data, True, limit=args.train_images)
+    test_x, test_y, _ = seg_data.load_fashion_mnist(args.data, False, limit=args.test_images)
+    seg_train, seg_test = seg_data.fashion_canvas_splits(args.data, args.img_size, args.seg_train,
+                                                         args.seg_test, seed=0)
+    device = args.device
+    return {"train_pixels": torch.from_numpy(train_x.copy()).to(device),
+            "train_labels": torch.from_numpy(train_y).to(device),
+            "test_pixels": torch.from_numpy(test_x.copy()).to(device),
+            "test_labels": torch.from_numpy(test_y).to(device),
+            "seg_train": (seg_train.images.to(device), seg_train.labels.to(device)),
+            "seg_test": (seg_test.images.to(device), seg_test.labels.to(device)),
+            "seg_classes": len(seg_train.class_names)}
+
+
+def pretrain(mask: str, seed: int, data: dict, args) -> tuple[torch.nn.Module, float, float]:
+    """MAE pretraining with one mask type; returns (model, seconds, mean loss of the last epoch)."""
+    device = torch.device(args.device)
+    torch.manual_seed(seed)
+    mae = build_mae(args.preset, img_size=args.img_size).to(device)
+    grid = args.img_size // mae.model_args["patch_size"]
+    masks = MaskGenerator(mask, grid=grid, mask_ratio=0.75, seed=seed, device=str(device))
+    lr = args.base_lr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(mae, 0.05, no_weight_decay_list=NO_WEIGHT_DECAY),
+                                  lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    pixels = data["train_pixels"]
+    steps_per_epoch = len(pixels) // args.batch_size
+    total = args.epochs * steps_per_epoch
+    scheduler = CosineLRScheduler(optimizer, t_initial=total, warmup_t=max(1, total // 10),
+                                  warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start, step = time.perf_counter(), 0
+    mae.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(len(pixels), device=device, generator=generator)
+        losses = []
+        for index in order[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
+            images = random_resized_crop(pixels[index], args.img_size, generator)
+            with autocast:
+                loss = mae(images, mask_to_torch(masks(len(index)), device))[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            losses.append(loss.detach())
+    synchronize()
+    return mae.eval(), time.perf_counter() - start, torch.stack(losses).mean().item()
+
+
+def probe(mae: torch.nn.Module | None, data: dict, args) -> dict[str, float]:
+    """k-NN, linear and segmentation probes of a frozen encoder, or of raw pixels when mae is None."""
+    train_images = to_model_input(data["train_pixels"], args.img_size)
+    test_images = to_model_input(data["test_pixels"], args.img_size)
+    (seg_train, seg_train_labels), (seg_test, seg_test_labels) = data["seg_train"], data["seg_test"]
+    if mae is None:
+        train, test = train_images[:, 0].flatten(1), test_images[:, 0].flatten(1)
+        patch = build_mae(args.preset, img_size=args.img_size).model_args["patch_size"]
+        seg_train_maps = segmentation.pixel_patches(seg_train[:, :1], patch)
+        seg_test_maps = segmentation.pixel_patches(seg_test[:, :1], patch)
+    else:
+        batch = 1024 if args.device != "cpu" else 256
+        train = extract_tokens(mae, train_images, batch, args.device, args.pool)
+        test = extract_tokens(mae, test_images, batch, args.device, args.pool)
+        seg_train_maps = segmentation.patch_grid(extract_tokens(mae, seg_train, batch, args.device))
+        seg_test_maps = segmentation.patch_grid(extract_tokens(mae, seg_test, batch, args.device))
+    labels = data["train_labels"], data["test_labels"]
+    seg = segmentation.probe_scores(seg_train_maps, seg_train_labels, seg_test_maps, seg_test_labels,
+                                    data["seg_classes"], epochs=args.probe_epochs)
+    return {"knn": knn.knn_accuracy(train, labels[0], test, labels[1]),
+            "linear": linear_probe.linear_probe_accuracy(train, labels[0], test, labels[1],
+                                                         epochs=args.probe_epochs),
+            "miou": seg["miou"]}
+
+
+def hardware(device: str) -> str:
+    """The device the figures come from, in words."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU {cpu}, {usable} usable cores, {torch.get_num_threads()} torch threads, " \
+           f"torch {torch.__version__}"
+
+
+def write_report(runs: list[dict], baseline: dict, args, path: Path, seconds: float) -> None:
+    """docs/results.md: mean ± std per mask type, raw-pixel baseline, noise verdicts, command, hardware."""
+    samples = pd.DataFrame([{"group": r["mask"], "run_id": f"{r['mask']}-{r['seed']}", **r} for r in runs])
+    metrics = ["knn", "linear", "miou", "pretrain_seconds"]
+    table = compare.markdown_table(compare.summarise(samples, metrics))  # groups in the order run
+    verdicts = compare.noise_verdicts(samples, ["knn", "linear", "miou"], baseline="random")
+    command = " ".join([".venv/bin/python", "bench/reproduce.py", *args.argv])
+    budget = ", ".join(f"{name}={getattr(args, name)}" for name in BUDGET_FLAGS)
+    path.write_text(f"""# Results: mask colours on Fashion-MNIST (small-scale reproduction)
+
+Written by `bench/reproduce.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).
+
+- Command: `{command}`
+- Hardware: {hardware(args.device)}
+- Budget ({'quick' if args.quick else 'full'}): preset {args.preset} at {args.img_size} px, {budget},
+  seeds {args.seeds}, lr {args.base_lr} x batch / 256, warm-up 10% then cosine, mask ratio 0.75.
+- Probes (frozen encoder, `{args.pool}` feature): k-NN k=20 cosine T=0.07; linear = BatchNorm (no affine)
+  + linear, AdamW lr 1e-2, cosine, {args.probe_epochs} epochs; segmentation = BatchNorm + 1x1 conv on
+  patch features, bilinear upsampling, {args.seg_train}/{args.seg_test} 2x2 canvases (11 classes).
+- Total wall time {seconds / 60:.1f} min.
+
+## Mean ± sample std over seeds (number of runs)
+
+{table}
+| raw pixels (baseline) | {baseline['knn']:.4f} | {baseline['linear']:.4f} | {baseline['miou']:.4f} | 0 |
+
+The raw-pixel row runs the same probes on the image pixels (k-NN, linear) and on each patch's pixels
+(segmentation).
+
+## Differences to random masking (Welch's t-test, alpha 0.05)
+
+{chr(10).join(verdicts) or '- fewer than two mask types: nothing to compare'}
+
+## Every run
+
+| mask | seed | k-NN | linear | mIoU | pretrain s | last-epoch loss |
+|---|---|---|---|---|---|---|
+""" + "\n".join(f"| {r['mask']} | {r['seed']} | {r['knn']:.4f} | {r['linear']:.4f} | {r['miou']:.4f} | "
+               f"{r['pretrain_seconds']:.1f} | {r['loss']:.4f} |" for r in runs) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    unknown = sorted(set(args.masks) - set(MASKS))
+    if unknown:
+        raise SystemExit(f"unknown mask types {unknown}; allowed: {', '.join(MASKS)}")
+    started = time.perf_counter()
+    data = load_data(args)
+    baseline = probe(None, data, args)
+    print(f"raw pixels: {baseline}", flush=True)
+    runs = []
+    for seed in args.seeds:
+        for mask in args.masks:
+            mae, seconds, loss = pretrain(mask, seed, data, args)
+            runs.append({"mask": mask, "seed": seed, **probe(mae, data, args), "pretrain_seconds": seconds,
+                         "loss": loss})
+            print(json.dumps(runs[-1]), flush=True)
+    elapsed = time.perf_counter() - started
+    write_report(runs, baseline, args, Path(args.out), elapsed)
+    result = {"runs": runs, "raw_pixels": baseline, "hardware": hardware(args.device), "seconds": elapsed,
+              "budget": {name: getattr(args, name) for name in BUDGETS["full"]}}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else "") + f" in {elapsed / 60:.1f} min")
+    return result
+
+
+if __name__ == "__main__":
+    main()
