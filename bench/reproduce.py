@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in BUDGET_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"full {BUDGETS['full'][name]}, quick {BUDGETS['quick'][name]}")
-    parser.add_argument("--base-lr", type=float, default=1.5e-4, help="lr = base_lr * batch / 256 (MAE)")
+    parser.add_argument("--base-lr", type=float, default=1.5e-3,
+                        help="lr = base_lr * batch / 256 (as configs/demo.yaml; MAE's is 1.5e-4)")
     parser.add_argument("--pool", choices=("cls", "avg"), default="avg", help="feature for k-NN / linear")
     parser.add_argument("--data", default=seg_data.FASHION_MNIST_DIR,
                         help="Fashion-MNIST IDX files or class folders")
