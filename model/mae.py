@@ -104,6 +104,10 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides biases and norms (read by timm's optimiser factory)."""
+        return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
+
     def patchify(self, imgs: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, L, p*p*C), patch pixels in (row, col, channel) order."""
         p = self.patch_size

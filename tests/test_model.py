@@ -2,6 +2,7 @@
 
 import pytest
 import timm
+import timm.optim
 import torch
 
 from model import PRESETS, build_mae, build_timm_encoder, export_encoder, load_encoder, load_mae
@@ -194,3 +195,13 @@ def test_build_mae_validation():
     model = build_mae("demo", img_size=48)
     assert build_mae(**model.model_args).model_args == model.model_args
     assert model.num_patches == 144
+
+
+def test_timm_optimizer_skips_decay_on_tokens_norms_biases(demo):
+    optimizer = timm.optim.create_optimizer_v2(demo, "adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in demo.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "decoder_pred.bias"} <= by_decay[0.0]
+    assert all(n.endswith("weight") and "norm" not in n for n in by_decay[0.05])
+    assert "blocks.0.attn.qkv.weight" in by_decay[0.05]
+    assert "pos_embed" not in by_decay[0.0] | by_decay[0.05]  # fixed, not trained
