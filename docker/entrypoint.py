@@ -57,7 +57,7 @@ def torchrun_command(train_args: Sequence[str], env: Mapping[str, str], gpus: in
     nproc = _positive_int(env, "NPROC_PER_NODE", max(gpus, 1))
     nnodes = _nnodes(env)
     command = [
-        "torchrun",
+        sys.executable, "-m", "torch.distributed.run",  # torchrun, from this interpreter's environment
         f"--nproc-per-node={nproc}",
         f"--max-restarts={_positive_int(env, 'MAX_RESTARTS', 0, minimum=0)}",
         f"--signals-to-handle={FORWARDED_SIGNALS}",

@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -74,6 +77,7 @@ def test_dockerignore_keeps_data_runs_and_environments_out():
     assert {".git", ".venv", "data", "runs", "mlruns", "docker/.env"} <= ignored
 
 
+@pytest.mark.slow
 def test_environment_check_runs_each_stack_on_the_cpu(capsys):
     check_env = load("check_env")
     check_env.main([])
@@ -228,7 +232,7 @@ def flag(command: list[str], name: str) -> str | None:
 def test_one_process_per_gpu_and_flags_pass_through_unchanged():
     args = ["--config", "configs/demo.yaml", "train.epochs=2", "--mlflow-uri", "http://mlflow:5000"]
     command = build_command(args, {}, gpus=4)
-    assert command[0] == "torchrun" and "--standalone" in command
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in command
     assert flag(command, "nproc-per-node") == "4"
     assert command[command.index(TRAIN_SCRIPT) + 1:] == args
     assert "SIGUSR1" in flag(command, "signals-to-handle").split(",")
@@ -279,8 +283,35 @@ def test_dry_run_finds_no_gpu_here_and_prints_one_cpu_process():
     result = entrypoint("--config", "configs/demo.yaml", "train.epochs=1")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
-    assert line.startswith("torchrun --nproc-per-node=1 ") and " --standalone " in line
+    assert line.startswith(f"{sys.executable} -m torch.distributed.run --nproc-per-node=1 ")
+    assert " --standalone " in line
     assert line.endswith(f"{TRAIN_SCRIPT} --config configs/demo.yaml train.epochs=1")
+
+
+@pytest.mark.slow
+def test_torchrun_passes_sigusr1_on_and_the_trainer_checkpoints(tmp_path):
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    for index, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)):
+        Image.fromarray(pixels).save(images / f"{index}.png")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    training = subprocess.Popen(
+        [sys.executable, str(DOCKER / "entrypoint.py"), "--config", "configs/demo.yaml",
+         f"data.path={tmp_path / 'images'}", "data.workers=0", "train.epochs=100", "train.batch_size=4",
+         "train.steps_per_epoch=2", "log.every_steps=1", "log.mlflow=false", f"log.runs_root={tmp_path}",
+         "log.run_name=run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in training.stdout:
+        output.append(line)
+        if re.search(r"step \d+ \(epoch", line):  # training runs: preempt it
+            training.send_signal(signal.SIGUSR1)
+            break
+    output += training.stdout.readlines()
+    training.wait(timeout=60)
+    log = "".join(output)
+    assert "closing signal SIGUSR1" in log and "stop signal: saved" in log, log[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
+    assert 1 <= checkpoint["step"] < 200
 
 
 def test_a_bad_setting_exits_with_its_name(monkeypatch):
