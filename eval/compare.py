@@ -125,7 +125,9 @@ def bar_chart(summary: pd.DataFrame, metric: str, path: Path) -> None:
     """Bar per group with a +/- 1 std error bar."""
     part = summary[summary["metric"] == metric]
     figure, axes = plt.subplots(figsize=(max(4, 1.2 * len(part)), 3.5))
-    axes.bar(part["group"], part["mean"], yerr=part["std"].fillna(0), capsize=4, color="tab:green")
+    colours = [group if matplotlib.colors.is_color_like(group) else "tab:gray" for group in part["group"]]
+    axes.bar(part["group"], part["mean"], yerr=part["std"].fillna(0), capsize=4, color=colours,
+             edgecolor="black")
     for x, (mean, n) in enumerate(zip(part["mean"], part["n"], strict=True)):
         axes.annotate(f"n={n}", (x, mean), ha="center", va="bottom", fontsize=8)
     axes.set_ylabel(metric)
