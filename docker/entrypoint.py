@@ -37,7 +37,7 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+def _int_setting(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     text = env.get(name, "").strip() or str(default)
     if not text.isdigit() or int(text) < minimum:
         raise ValueError(f"{name}={text!r}: expected an integer >= {minimum}")
@@ -54,14 +54,14 @@ def _nnodes(env: Mapping[str, str]) -> str:
 
 def torchrun_command(train_args: Sequence[str], env: Mapping[str, str], gpus: int) -> list[str]:
     """The torchrun command line that runs train.py with `train_args` on this node."""
-    nproc = _positive_int(env, "NPROC_PER_NODE", max(gpus, 1))
+    nproc = _int_setting(env, "NPROC_PER_NODE", max(gpus, 1))
     nnodes = _nnodes(env)
     command = [
         sys.executable, "-m", "torch.distributed.run",  # torchrun, from this interpreter's environment
         f"--nproc-per-node={nproc}",
-        f"--max-restarts={_positive_int(env, 'MAX_RESTARTS', 0, minimum=0)}",
+        f"--max-restarts={_int_setting(env, 'MAX_RESTARTS', 0, minimum=0)}",
         f"--signals-to-handle={FORWARDED_SIGNALS}",
-        f"--shutdown-timeout={_positive_int(env, 'SHUTDOWN_TIMEOUT', 120, minimum=0)}",
+        f"--shutdown-timeout={_int_setting(env, 'SHUTDOWN_TIMEOUT', 120, minimum=0)}",
     ]
     endpoint, run_id = env.get("RDZV_ENDPOINT", "").strip(), env.get("RDZV_ID", "").strip()
     if nnodes == "1" and not endpoint:
