@@ -134,16 +134,13 @@ def time_steps(model: torch.nn.Module, batches: Iterator[dict], steps: int, warm
             "data_wait": round(waited / elapsed, 4)}
 
 
-def corpus_root(data: Path | None, n: int) -> Path | None:
-    """The class-folder root for loader rows: --data, else a JPEG corpus made by pipelines.prepare."""
+def corpus_root(data: Path | None, n: int) -> Path:
+    """The class-folder root for loader rows: --data, else a JPEG corpus made (once) by pipelines.prepare."""
     if data is None:
         data = ROOT / "runs" / "jpeg-corpus"
-        if not data.exists():
-            if not (ROOT / "pipelines" / "prepare.py").exists():
-                return None
-            subprocess.run([sys.executable, "-m", "pipelines.prepare", "jpeg-corpus", "--out", str(data),
-                            "--n", str(n)], cwd=ROOT, check=True)
-    return data / "train" if (data / "train").is_dir() else data
+        subprocess.run([sys.executable, "-m", "pipelines.prepare", "jpeg-corpus", "--out", str(data),
+                        "--n", str(n)], cwd=ROOT, check=True)
+    return data
 
 
 def parse_args() -> argparse.Namespace:
@@ -184,9 +181,6 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     data = corpus_root(args.data, args.corpus_size) if "loader" in args.inputs else None
-    if "loader" in args.inputs and data is None:
-        print("loader rows skipped: no --data, and no pipelines.prepare to make a JPEG corpus",
-              file=sys.stderr)
     workers = args.workers or torch.multiprocessing.cpu_count()
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "precision": args.precision, "results": [], "baseline": []}
@@ -197,8 +191,6 @@ def main() -> None:
         batch = args.batch or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)[name]
         folder = args.demo_data if name == "demo" and args.demo_data.is_dir() else data
         for source in args.inputs:
-            if source == "loader" and folder is None:
-                continue
             batches = (synthetic_batches(margs, batch, device) if source == "synthetic"
                        else loader_batches(margs, batch, device, folder, workers))
             row = {"model": name, "img_size": margs["img_size"], "batch": batch, "input": source,

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {"img_size": 224, "patch_size": 16, "in_chans": 3, "m
                             "norm_pix_loss": True}
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> Tensor:
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> Tensor:
     """Fixed 2-D sine-cosine position embedding, (1 + G*G, D) with a zero row for the cls token.
 
     The first half of the channels encodes the column, the second half the row, each as
@@ -45,9 +45,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
     for coord in (cols.flatten(), rows.flatten()):
         angles = coord[:, None] * omega[None, :]
         parts += [angles.sin(), angles.cos()]
-    emb = torch.cat(parts, dim=1)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
+    emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), torch.cat(parts, dim=1)])
     return emb.float()
 
 

@@ -6,6 +6,7 @@ import timm.optim
 import torch
 
 from model import PRESETS, build_mae, build_timm_encoder, export_encoder, load_encoder, load_mae
+from noise import mask_to_ids
 
 BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
@@ -72,6 +73,22 @@ def test_encoder_sees_exactly_the_visible_patches(demo):
     assert seen[0] == (2, 1 + 16, 192)
     torch.testing.assert_close(latent_out[1], latent_out[0])  # masked patch changed: same encoding
     assert not torch.allclose(latent_out[2][0], latent_out[0][0])  # visible patch changed: differs
+
+
+def test_decoder_places_tokens_like_the_public_unshuffle(demo):
+    mask = demo.random_mask(2, 0.75, torch.device("cpu"))
+    ids_keep, ids_restore = mask_to_ids(mask)
+    latent = torch.randn(2, 1 + 16, 192)
+    with torch.no_grad():
+        ours = demo.forward_decoder(latent, ids_keep)
+        x = demo.decoder_embed(latent)  # reference: append mask tokens, then unshuffle with ids_restore
+        tokens = torch.cat([x[:, 1:], demo.mask_token.expand(2, 64 - 16, -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(-1, -1, 128))
+        x = torch.cat([x[:, :1], tokens], dim=1) + demo.decoder_pos_embed
+        for block in demo.decoder_blocks:
+            x = block(x)
+        reference = demo.decoder_pred(demo.decoder_norm(x))[:, 1:]
+    torch.testing.assert_close(ours, reference)
 
 
 def test_forward_rejects_bad_masks(demo):
