@@ -24,7 +24,6 @@ DOCKER = ROOT / "docker"
 VENV_BIN = Path(sys.executable).parent
 
 
-
 def load(name: str):
     """A docker/ script as a module (`import docker` is the Docker SDK that mlflow depends on)."""
     spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
