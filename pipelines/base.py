@@ -20,9 +20,17 @@ TRAIN_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875  # resize the short side to S / 0.875, then centre-crop S (224 <- 256)
 
 
-def eval_resize_size(img_size: int) -> int:
-    """Short-side length before the evaluation centre crop (256 for 224)."""
-    return int(img_size / EVAL_CROP_FRACTION)
+def eval_crop_fraction(img_size: int) -> float:
+    """Evaluation crop: the centre square of this fraction of the short side, resized to S.
+
+    The same view as resizing the short side to int(S / 0.875) and centre-cropping S (224/256), in
+    the crop-then-resize form that all three backends can express (ffcv's CenterCrop decoder).
+    """
+    return img_size / int(img_size / EVAL_CROP_FRACTION)
+
+
+def eval_crop_side(height: int, width: int, img_size: int) -> int:
+    return int(min(height, width) * eval_crop_fraction(img_size))
 
 
 def check_config(cfg: LoaderConfig) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .base import (
@@ -20,7 +21,7 @@ from .base import (
     TRAIN_SCALE,
     BaseLoader,
     epoch_order,
-    eval_resize_size,
+    eval_crop_fraction,
     num_batches,
     sample_seed,
     shard,
@@ -45,9 +46,12 @@ def image_pipeline(files, labels, *, shard_id, num_shards, img_size, train, gpu,
         images = fn.resize(images, size=[img_size, img_size], interp_type=cubic, antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
     else:
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-        short_side = eval_resize_size(img_size)
-        images = fn.resize(images, resize_shorter=short_side, interp_type=cubic, antialias=True)
+        shape = fn.peek_image_shape(jpegs)  # (H, W, C)
+        side = dmath.floor(dmath.min(shape[0], shape[1]) * eval_crop_fraction(img_size))
+        images = fn.decoders.image_crop(
+            jpegs, device=decoder, output_type=types.RGB, crop_w=side, crop_h=side
+        )
+        images = fn.resize(images, size=[img_size, img_size], interp_type=cubic, antialias=True)
         mirror = 0
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=[img_size, img_size], mirror=mirror,

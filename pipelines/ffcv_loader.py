@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from .base import (
     TRAIN_SCALE,
     BaseLoader,
     epoch_order,
-    eval_resize_size,
+    eval_crop_fraction,
     normalize,
     shard,
 )
@@ -81,6 +83,16 @@ def write_beton(
     return out
 
 
+def write_in_subprocess(src: Path, out: Path, workers: int) -> None:
+    """`python -m pipelines.prepare ffcv` in a fresh process: ffcv's writer forks workers, which is
+    unsafe once this process runs decoder threads (torch, DALI, numba)."""
+    log.warning("writing %s from %s (first use of the ffcv loader on this folder)", out, src)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "pipelines.prepare", "ffcv", "--src", str(src), "--out", str(out)]
+    subprocess.run([*command, "--workers", str(workers or os.cpu_count())], check=True, env=env)
+
+
 class SharedOrder(TraversalOrder):
     """This rank's shard of the shared (seed, epoch) order; ffcv's Loader calls the instance."""
 
@@ -109,8 +121,7 @@ class FFCVLoader(BaseLoader):
         if not path.exists():
             if manifest is None:
                 raise FileNotFoundError(f"ffcv_path {path} does not exist and `data` is not set to write it")
-            log.warning("writing %s from %s (first use)", path, manifest.root)
-            write_beton(manifest, path, workers=cfg.workers or None)
+            write_in_subprocess(manifest.root, path, cfg.workers)
         super().__init__(cfg, manifest)
         meta = json.loads(Path(f"{path}.json").read_text()) if Path(f"{path}.json").exists() else {}
         self.classes = self.classes or meta.get("classes", [])
@@ -121,7 +132,7 @@ class FFCVLoader(BaseLoader):
             image_ops = [RandomResizedCropRGBImageDecoder((size, size), scale=TRAIN_SCALE, ratio=TRAIN_RATIO)]
             image_ops.append(RandomHorizontalFlip())
         else:
-            image_ops = [CenterCropRGBImageDecoder((size, size), ratio=size / eval_resize_size(size))]
+            image_ops = [CenterCropRGBImageDecoder((size, size), ratio=eval_crop_fraction(size))]
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         num_samples = Reader(str(path)).num_samples
         self.loader = Loader(

@@ -15,7 +15,7 @@ from .base import (
     TRAIN_SCALE,
     BaseLoader,
     epoch_order,
-    eval_resize_size,
+    eval_crop_side,
     normalize,
     num_batches,
     sample_seed,
@@ -33,8 +33,20 @@ def build_transform(img_size: int, train: bool) -> v2.Compose:
             v2.RandomHorizontalFlip(),
         ]
     else:
-        geometry = [v2.Resize(eval_resize_size(img_size), interpolation=bicubic), v2.CenterCrop(img_size)]
+        geometry = [CenterSquare(img_size), v2.Resize((img_size, img_size), interpolation=bicubic)]
     return v2.Compose([*geometry, v2.PILToTensor()])
+
+
+class CenterSquare(torch.nn.Module):
+    """Centre square crop of `eval_crop_fraction` of the short side (resized to S afterwards)."""
+
+    def __init__(self, img_size: int):
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        side = eval_crop_side(img.height, img.width, self.img_size)
+        return v2.functional.crop(img, (img.height - side) // 2, (img.width - side) // 2, side, side)
 
 
 class ManifestDataset(Dataset):

@@ -1,0 +1,182 @@
+"""Loader backends on a tiny folder cut from real photos, with bad files mixed in.
+
+The ffcv backend JIT-compiles its pipeline per Loader, so ffcv loaders are built once per module.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import LoaderConfig, build_loader, scan
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
+
+BACKENDS = ("torch", "dali", "ffcv")
+SIZE, PATCH, BATCH = 32, 8, 8
+GRID = SIZE // PATCH
+VISIBLE = int(GRID * GRID * (1 - 0.75))
+GOOD_JPEGS = 24
+BAD_FILES = 3
+
+
+def _photos() -> list[Image.Image]:
+    import mvtbdata
+
+    images = Path(mvtbdata.__file__).parent / "images"
+    return [Image.open(images / name).convert("RGB") for name in ("flowers1.png", "church.png", "castle.png")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """3 classes of 64x64 JPEG crops of real photos, plus CMYK and grey (good) and 3 bad files."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label, photo in enumerate(_photos()):
+        (root / f"class{label}").mkdir()
+        for k in range(GOOD_JPEGS // 3):
+            side = int(rng.integers(96, 256))
+            x, y = int(rng.integers(0, photo.width - side)), int(rng.integers(0, photo.height - side))
+            crop = photo.crop((x, y, x + side, y + side)).resize((64, 64), Image.BICUBIC)
+            crop.save(root / f"class{label}" / f"{k:02d}.jpg", quality=95)
+    sample = Image.open(root / "class0" / "00.jpg")
+    sample.convert("CMYK").save(root / "class1" / "cmyk.jpg", quality=95)
+    sample.convert("L").save(root / "class2" / "grey.png")
+    data = (root / "class0" / "01.jpg").read_bytes()
+    (root / "class0" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "class1" / "empty.jpg").write_bytes(b"")
+    (root / "class2" / "notes.jpg").write_text("not an image\n")
+    return root
+
+
+def _config(folder: Path, loader: str, **overrides) -> LoaderConfig:
+    base = dict(loader=loader, data=str(folder), img_size=SIZE, patch_size=PATCH, batch_size=BATCH,
+                workers=0 if loader == "torch" else 2, train=False, mask="green")  # fmt: skip
+    return LoaderConfig(**{**base, **overrides})
+
+
+def _epoch(loader) -> dict[str, torch.Tensor]:
+    batches = list(loader)
+    return {key: torch.cat([b[key] for b in batches]) for key in ("images", "mask", "labels")}
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to [0, 1] pixel units."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+@pytest.fixture(scope="module")
+def eval_epochs(folder) -> dict[str, dict]:
+    """One evaluation epoch (1 rank) per backend, with the loader's skip count."""
+    epochs = {}
+    for backend in BACKENDS:
+        loader = build_loader(_config(folder, backend))
+        epochs[backend] = {**_epoch(loader), "num_skipped": loader.num_skipped, "len": len(loader)}
+    return epochs
+
+
+def test_manifest_reports_bad_files_and_converts_odd_modes(folder):
+    manifest = scan(folder)
+    assert manifest.num_skipped == BAD_FILES
+    reasons = dict(manifest.skipped)
+    assert "zero-byte" in reasons[str(Path("class1/empty.jpg"))]
+    assert reasons[str(Path("class2/notes.jpg"))] == "not an image"
+    assert "truncated" in reasons[str(Path("class0/truncated.jpg"))]
+    assert len(manifest) == GOOD_JPEGS + 2
+    converted = [f for f in manifest.files if "cmyk" in f]
+    assert len(converted) == 1 and Image.open(converted[0]).mode == "RGB"
+    assert scan(folder).files == manifest.files  # served from the cache
+
+
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_loader(LoaderConfig(data=str(tmp_path / "missing")))
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        build_loader(LoaderConfig(data=str(tmp_path / "empty")))
+
+
+def test_bad_config_names_allowed_values(folder):
+    with pytest.raises(ValueError, match="torch, dali, ffcv"):
+        build_loader(_config(folder, "tf.data"))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        build_loader(_config(folder, "torch", img_size=30))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_finishes_the_epoch_with_good_files_and_exact_masks(eval_epochs, backend):
+    epoch = eval_epochs[backend]
+    assert epoch["num_skipped"] == BAD_FILES
+    assert epoch["len"] == -(-(GOOD_JPEGS + 2) // BATCH)
+    assert epoch["images"].shape == (GOOD_JPEGS + 2, 3, SIZE, SIZE)
+    assert epoch["images"].dtype == torch.float32 and epoch["labels"].dtype == torch.int64
+    assert epoch["mask"].dtype == torch.bool and epoch["mask"].shape == (GOOD_JPEGS + 2, GRID * GRID)
+    assert ((~epoch["mask"]).sum(dim=1) == VISIBLE).all()
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_backends_agree_with_torch_on_the_eval_transform(eval_epochs, backend):
+    reference, other = eval_epochs["torch"], eval_epochs[backend]
+    assert torch.equal(reference["labels"], other["labels"])
+    difference = (_pixels(reference["images"]) - _pixels(other["images"])).abs().mean().item()
+    assert difference <= 3 / 255, f"{backend} differs from torch by {difference * 255:.2f}/255"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_split_the_epoch_without_overlap(folder, eval_epochs, backend):
+    reference = _pixels(eval_epochs[backend]["images"]).flatten(1)
+    seen = []
+    for rank in range(2):
+        images = _pixels(_epoch(build_loader(_config(folder, backend, rank=rank, world_size=2)))["images"])
+        distance = torch.cdist(images.flatten(1), reference)
+        assert (distance.min(dim=1).values < 1e-3).all()
+        seen += distance.argmin(dim=1).tolist()
+    assert sorted(seen) == list(range(len(reference)))
+
+
+def test_torch_training_shards_are_disjoint_equal_and_reshuffled(folder):
+    loaders = [build_loader(_config(folder, "torch", train=True, rank=r, world_size=2)) for r in range(2)]
+    epoch0 = [set(loader.sampler.indices().tolist()) for loader in loaders]
+    assert not epoch0[0] & epoch0[1] and len(epoch0[0]) == len(epoch0[1]) == (GOOD_JPEGS + 2) // 2
+    assert len(loaders[0]) == len(loaders[1]) == (GOOD_JPEGS + 2) // 2 // BATCH
+    loaders[0].set_epoch(1)
+    assert set(loaders[0].sampler.indices().tolist()) != epoch0[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_mid_epoch_resume_gives_identical_batches(folder, backend):
+    cfg = _config(folder, backend, train=True, batch_size=4)
+    first = build_loader(cfg)
+    first.set_epoch(3)
+    batches = iter(first)
+    next(batches), next(batches)
+    state = first.state_dict()
+    assert state["epoch"] == 3 and state["batches"] == 2
+    rest = list(batches)
+
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the trainer's call for the resumed epoch keeps the resume point
+    again = list(resumed)
+    assert len(again) == len(rest) == len(first) - 2
+    for a, b in zip(rest, again, strict=True):
+        for key in ("images", "mask", "labels"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_torch_augmentation_does_not_depend_on_worker_count(folder):
+    cfg = _config(folder, "torch", train=True, mask=None)
+    single = next(iter(build_loader(cfg)))
+    multi = next(iter(build_loader(_config(folder, "torch", train=True, mask=None, workers=2))))
+    assert single["mask"] is None
+    assert torch.equal(single["images"], multi["images"]) and torch.equal(single["labels"], multi["labels"])
+
+
+def test_ffcv_training_epoch(folder):
+    loader = build_loader(_config(folder, "ffcv", train=True))
+    epoch = _epoch(loader)
+    assert len(loader) == (GOOD_JPEGS + 2) // BATCH
+    assert epoch["images"].shape == (len(loader) * BATCH, 3, SIZE, SIZE)
+    assert ((~epoch["mask"]).sum(dim=1) == VISIBLE).all()
