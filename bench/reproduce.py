@@ -46,8 +46,8 @@ BUDGET_FLAGS = ("train_images", "test_images", "epochs", "batch_size", "seg_trai
 BUDGETS = {
     "full": {"train_images": 60000, "test_images": 10000, "epochs": 30, "batch_size": 1024,
              "seg_train": 2000, "seg_test": 500, "probe_epochs": 30, "seeds": "0,1"},
-    "quick": {"train_images": 2000, "test_images": 500, "epochs": 1, "batch_size": 64,
-              "seg_train": 300, "seg_test": 100, "probe_epochs": 10, "seeds": "0,1"},
+    "quick": {"train_images": 1024, "test_images": 500, "epochs": 1, "batch_size": 64,
+              "seg_train": 200, "seg_test": 100, "probe_epochs": 10, "seeds": "0,1"},
 }
 
 

@@ -67,12 +67,6 @@ def build_model(checkpoint: dict, device: str | torch.device) -> nn.Module:
     return mae
 
 
-def image_and_patch_size(mae: nn.Module) -> tuple[int, int]:
-    """Input size and patch size of a (timm PatchEmbed based) MAE."""
-    embed = mae.patch_embed
-    return int(embed.img_size[0]), int(embed.patch_size[0])
-
-
 def training_config(checkpoint: dict) -> dict:
     """The pretraining config stored in the checkpoint, flattened to dotted keys ("mask.schedule")."""
 

@@ -87,7 +87,7 @@ def checkpoint_features(checkpoint: dict, args: argparse.Namespace, pool: str):
     from pipelines import LoaderConfig, build_loader
 
     mae = common.build_model(checkpoint, args.device)
-    img_size, patch_size = common.image_and_patch_size(mae)
+    img_size, patch_size = checkpoint["model_args"]["img_size"], checkpoint["model_args"]["patch_size"]
     splits = []
     for split in ("train", "val"):
         folder = Path(args.data) / split

@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
     mae = common.build_model(checkpoint, args.device)
-    img_size, _ = common.image_and_patch_size(mae)
-    train_set, test_set = seg_data.load_splits(args, img_size)
+    train_set, test_set = seg_data.load_splits(args, checkpoint["model_args"]["img_size"])
     with common.open_tracker(args, checkpoint, "segmentation") as tracker:
         train_maps = patch_grid(features.extract_tokens(mae, train_set.images, args.batch_size, args.device))
         test_maps = patch_grid(features.extract_tokens(mae, test_set.images, args.batch_size, args.device))
