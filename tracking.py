@@ -94,7 +94,8 @@ class Tracker:
                 exp = self._client.get_experiment_by_name(experiment)
                 exp_id = exp.experiment_id if exp else self._client.create_experiment(
                     experiment, artifact_location=_artifact_location(self.uri))
-                self.run_id = self._client.create_run(exp_id, run_name=run_name, tags=self._start["tags"]).info.run_id
+                run = self._client.create_run(exp_id, run_name=run_name, tags=self._start["tags"])
+                self.run_id = run.info.run_id
             else:
                 self._client.update_run(run_id, status="RUNNING")
                 self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self._start["tags"].items()])
