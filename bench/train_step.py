@@ -162,7 +162,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--corpus-size", type=int, default=2000, help="images when making the default corpus")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: CPU count)")
     p.add_argument("--no-baseline", action="store_true", help="skip the public-MAE-style comparison")
-    p.add_argument("--rounds", type=int, default=2 if cuda else 1,
+    p.add_argument("--rounds", type=int, default=2,
                    help="baseline: time ours and public alternately this many times each, keep the best")
     args = p.parse_args()
     args.models = args.models.split(",")
