@@ -101,28 +101,26 @@ def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: in
     photos = _corpus_photos()
     if not photos:
         raise SystemExit("no photos found in the mvtb-data package; `pip install mvtb-data`")
-    rng = np.random.default_rng(seed)
-
-    def cut(i: int) -> None:
-        local = np.random.default_rng([seed, i])
-        photo = i % len(photos)
+    def cut_photo(photo: int) -> None:
         with Image.open(photos[photo]) as img:
             img = img.convert("RGB")
-        width, height = (500, 375) if local.random() < 0.75 else (375, 500)
-        scale = max(width / img.width, height / img.height) * local.uniform(1.0, 2.0)  # crop fits
-        w, h = int(width / scale), int(height / scale)
-        x, y = int(local.integers(0, img.width - w + 1)), int(local.integers(0, img.height - h + 1))
-        crop = img.crop((x, y, x + w, y + h)).resize((width, height), Image.BICUBIC)
-        if local.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        crop.save(out / f"n{photo % classes:08d}" / f"img_{i:06d}.JPEG", quality=90)
+        for i in range(photo, n, len(photos)):
+            rng = np.random.default_rng([seed, i])
+            width, height = (500, 375) if rng.random() < 0.75 else (375, 500)
+            scale = max(width / img.width, height / img.height) * rng.uniform(1.0, 2.0)  # the crop fits
+            w, h = int(width / scale), int(height / scale)
+            x, y = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+            crop = img.crop((x, y, x + w, y + h)).resize((width, height), Image.BICUBIC)
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crop.save(out / f"n{photo % classes:08d}" / f"img_{i:06d}.JPEG", quality=90)
 
     if out.exists():
         shutil.rmtree(out)
     for c in range(classes):
         (out / f"n{c:08d}").mkdir(parents=True)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(cut, rng.permutation(n)))
+        list(pool.map(cut_photo, range(len(photos))))
     stamp.write_text(json.dumps(wanted))
     print(f"prepare: wrote {n} JPEGs cut from {len(photos)} photos to {out}")
     return out

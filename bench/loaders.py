@@ -1,0 +1,123 @@
+"""Loader throughput: images/s of each backend with and without the mask stage, against decode-only.
+
+    python bench/loaders.py [--data DIR] --json runs/bench-loaders.json
+
+Without --data the ImageNet-like JPEG corpus is built first (pipelines.prepare jpeg-corpus). Every
+backend runs the training transform at S=224, batch 64, all cores, over full epochs after a warm-up
+epoch (ffcv compiles its pipeline then). Decode-only is the best of PIL and DALI's CPU decoder on
+the same files with the same worker count, no augmentation: the reference limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines import LOADERS, LoaderConfig, build_loader, scan
+from pipelines.prepare import prepare_jpeg_corpus
+
+
+def loader_rate(cfg: LoaderConfig, epochs: int) -> float:
+    """Images/s over `epochs` timed epochs, after one warm-up epoch."""
+    loader = build_loader(cfg)
+    for _ in loader:  # warm-up: page cache, workers, ffcv's JIT compilation
+        pass
+    images, start = 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            images += len(batch["labels"])
+    rate = images / (time.perf_counter() - start)
+    del loader
+    return rate
+
+
+def pil_decode_rate(files: list[str], workers: int) -> float:
+    def decode(path: str) -> None:
+        with Image.open(path) as img:
+            img.convert("RGB")
+
+    with ThreadPoolExecutor(workers) as pool:  # Pillow decodes without the GIL
+        start = time.perf_counter()
+        list(pool.map(decode, files))
+        return len(files) / (time.perf_counter() - start)
+
+
+def dali_decode_rate(files: list[str], workers: int, batch_size: int) -> float:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=None)
+    def decode_only():
+        data, _ = fn.readers.file(files=files, name="reader")
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    pipe = decode_only()
+    pipe.build()
+    batches = -(-len(files) // batch_size)
+    pipe.run()  # warm-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        pipe.run()
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=None, help="class folder (default: build the corpus)")
+    parser.add_argument("--corpus", type=Path, default=Path("data/jpeg-corpus"), help="where to build it")
+    parser.add_argument("--n", type=int, default=2000, help="corpus size when building it")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--loaders", default=",".join(LOADERS))
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement")
+    args = parser.parse_args()
+
+    data = args.data or prepare_jpeg_corpus(args.corpus, n=args.n)
+    files = scan(data).files
+    decode = max(pil_decode_rate(files, args.workers), dali_decode_rate(files, args.workers, args.batch_size))
+    print(f"decode-only: {decode:.1f} images/s ({len(files)} files, {args.workers} workers)", flush=True)
+
+    names = args.loaders.split(",")
+    runs = [(name, "cpu") for name in names]
+    if torch.cuda.is_available() and "dali" in names:
+        runs.append(("dali", "cuda"))  # DALI with 'mixed' decode on the GPU
+    results = []
+    for name, device in runs:
+        rates = {}
+        for mask in (False, True):
+            cfg = LoaderConfig(
+                loader=name, data=str(data), img_size=args.img_size, batch_size=args.batch_size,
+                workers=args.workers, train=True, mask="green" if mask else None, device=device,
+            )  # fmt: skip
+            rates[mask] = loader_rate(cfg, args.epochs)
+            label = name if device == "cpu" else f"{name}-gpu"
+            results.append({"loader": label, "mask": mask, "images_per_s": round(rates[mask], 1)})
+            print(f"{label:8s} mask={mask!s:5s} {rates[mask]:8.1f} images/s", flush=True)
+        print(f"{'':8s} mask stage cost {100 * (1 - rates[True] / rates[False]):+.1f}%", flush=True)
+
+    masked = {r["loader"]: r["images_per_s"] for r in results if r["mask"]}
+    for label, rate in masked.items():
+        versus_torch = f", {rate / masked['torch']:.2f}x torch" if "torch" in masked else ""
+        print(f"{label:8s} {rate / decode:.2f}x decode-only{versus_torch}")
+    report = {"results": results, "decode_only_images_per_s": round(decode, 1)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
