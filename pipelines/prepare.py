@@ -120,7 +120,7 @@ def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: in
     for c in range(classes):
         (out / f"n{c:08d}").mkdir(parents=True)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(cut_photo, range(len(photos))))
+        list(pool.map(cut_photo, range(min(n, len(photos)))))
     stamp.write_text(json.dumps(wanted))
     print(f"prepare: wrote {n} JPEGs cut from {len(photos)} photos to {out}")
     return out

@@ -1,8 +1,10 @@
 """Loader backends on a tiny folder cut from real photos, with bad files mixed in.
 
-The ffcv backend JIT-compiles its pipeline per Loader, so ffcv loaders are built once per module.
+ffcv JIT-compiles (numba) a pipeline per Loader, tens of seconds on 2 cores: the evaluation epochs
+of all backends are built once per module and shared by the tests.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,9 @@ from PIL import Image
 
 from pipelines import LoaderConfig, build_loader, scan
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
+
+# ffcv's numba-compiled pipelines raise a harmless KeyError in numba's finalizer at garbage collection.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 BACKENDS = ("torch", "dali", "ffcv")
 SIZE, PATCH, BATCH = 32, 8, 8
@@ -88,6 +93,12 @@ def test_manifest_reports_bad_files_and_converts_odd_modes(folder):
     converted = [f for f in manifest.files if "cmyk" in f]
     assert len(converted) == 1 and Image.open(converted[0]).mode == "RGB"
     assert scan(folder).files == manifest.files  # served from the cache
+
+
+def test_ffcv_beton_records_classes_and_skips(folder, eval_epochs):
+    (meta,) = (folder / ".colormae").glob("ffcv-*.beton.json")
+    expected = {"classes": ["class0", "class1", "class2"], "num_skipped": BAD_FILES}
+    assert json.loads(meta.read_text()) == expected
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
