@@ -23,12 +23,14 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader
 from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
 from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     TRAIN_RATIO,
     TRAIN_SCALE,
     BaseLoader,
@@ -133,7 +135,13 @@ class FFCVLoader(BaseLoader):
             image_ops.append(RandomHorizontalFlip())
         else:
             image_ops = [CenterCropRGBImageDecoder((size, size), ratio=eval_crop_fraction(size))]
-        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
+        if self.device.type == "cuda":  # uint8 to the GPU, normalised there (base.normalize)
+            image_ops += [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage()]
+            label_ops = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(self.device, non_blocking=True)]
+        else:  # normalised by ffcv's compiled lookup table, in its worker threads
+            mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+            image_ops += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+            label_ops = [IntDecoder(), ToTensor(), Squeeze()]
         num_samples = Reader(str(path)).num_samples
         self.loader = Loader(
             str(path),
@@ -143,8 +151,8 @@ class FFCVLoader(BaseLoader):
             drop_last=self.drop_last,
             seed=cfg.seed,
             pipelines={
-                "image": [*image_ops, ToTensor(), *to_device, ToTorchImage()],
-                "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device],
+                "image": image_ops,
+                "label": label_ops,
             },
         )
 
@@ -157,4 +165,6 @@ class FFCVLoader(BaseLoader):
             if step < skip:
                 continue
             labels = labels.to(self.device, dtype=torch.int64).view(-1)
-            yield normalize(images, self.device), labels, self.masks(len(labels)) if self.masks else None
+            # ffcv refills its batch buffers a few batches later: hand out a tensor of our own
+            images = normalize(images, self.device) if self.device.type == "cuda" else images.clone()
+            yield images, labels, self.masks(len(labels)) if self.masks else None

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     TRAIN_RATIO,
     TRAIN_SCALE,
     BaseLoader,
@@ -24,8 +26,11 @@ from .base import (
 from .manifest import Manifest
 
 
-def build_transform(img_size: int, train: bool) -> v2.Compose:
-    """Training: RandomResizedCrop(S, scale 0.2-1) + flip; evaluation: resize + centre crop."""
+def build_transform(img_size: int, train: bool, normalise: bool) -> v2.Compose:
+    """Training: RandomResizedCrop(S, scale 0.2-1) + flip; evaluation: centre crop + resize.
+
+    Output: uint8 (3, S, S), or float32 normalised with the ImageNet mean/std when `normalise`.
+    """
     bicubic = v2.InterpolationMode.BICUBIC
     if train:
         geometry = [
@@ -34,7 +39,8 @@ def build_transform(img_size: int, train: bool) -> v2.Compose:
         ]
     else:
         geometry = [CenterSquare(img_size), v2.Resize((img_size, img_size), interpolation=bicubic)]
-    return v2.Compose([*geometry, v2.PILToTensor()])
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose([*geometry, v2.PILToTensor(), *(to_float if normalise else [])])
 
 
 class CenterSquare(torch.nn.Module):
@@ -94,11 +100,17 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class TorchLoader(BaseLoader):
-    """DataLoader with workers, pinned memory and persistent workers; mask added per batch."""
+    """DataLoader with workers, pinned memory and persistent workers; mask added per batch.
+
+    On a GPU the workers hand over uint8 images, normalised on the device after the copy; on the
+    CPU the workers normalise (the main process would otherwise do it serially).
+    """
 
     def __init__(self, cfg, manifest: Manifest):
         super().__init__(cfg, manifest)
-        dataset = ManifestDataset(manifest, build_transform(cfg.img_size, cfg.train), cfg.seed, cfg.train)
+        self.on_device = self.device.type == "cuda"
+        transform = build_transform(cfg.img_size, cfg.train, normalise=not self.on_device)
+        dataset = ManifestDataset(manifest, transform, cfg.seed, cfg.train)
         self.sampler = EpochBatchSampler(self, len(dataset))
         self.dataloader = DataLoader(
             dataset,
@@ -114,6 +126,6 @@ class TorchLoader(BaseLoader):
     def _batches(self, skip: int):
         self.sampler.skip = skip
         for images, labels in self.dataloader:
-            images = normalize(images, self.device)
+            images = normalize(images, self.device) if self.on_device else images
             labels = labels.to(self.device, non_blocking=True)
             yield images, labels, self.masks(len(labels)) if self.masks else None
