@@ -179,7 +179,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     evaluated = runs[runs.get("tags.pretrain_run_id", pd.Series(dtype=str)).fillna("") != ""]
     metrics = args.metrics or sorted({c.removeprefix("metrics.") for c in evaluated.columns
                                       if c.startswith("metrics.") and evaluated[c].notna().any()})
-    metrics = metrics or [c for c in samples.columns if c not in ("group", "run_id")]
+    available = [c for c in samples.columns if c not in ("group", "run_id")]
+    metrics = metrics or available
+    unknown = sorted(set(metrics) - set(available))
+    if unknown:
+        raise ValueError(f"metrics {unknown} are not in experiment {args.experiment!r}; "
+                         f"available: {available}")
     paths = write_report(samples, metrics, Path(args.out), args.baseline, f"{args.experiment}: by {args.by}")
     tracker = Tracker(uri, args.experiment, run_name="compare", tags={"evaluation": "compare"})
     for path in paths:

