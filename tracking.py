@@ -189,7 +189,7 @@ class Tracker:
     def _go_offline(self, err: Exception) -> None:
         self.offline = True
         log.warning("tracking: MLflow at %s is unreachable (%s); training goes on, metrics are kept in %s "
-                    "(sync later with: %s)", self.uri, str(err).splitlines()[0][:200],
+                    "(sync later with: %s)", self.uri, (str(err).splitlines() or [repr(err)])[0][:200],
                     self.offline_dir / OFFLINE_FILE, self.sync_command())
         self._write({**self._start, "run_id": self.run_id})  # a known run id: the sync continues that run
 

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--resume", help="checkpoint or run folder (default: the run's checkpoint-last.pth)")
     parser.add_argument("--mlflow-uri", help="tracking server (same as log.mlflow_uri=...; default: "
                         "MLFLOW_TRACKING_URI, else SQLite in the runs root)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.loader:
         overrides.append(f"data.loader={args.loader}")
@@ -86,19 +86,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
     """This process's RNG states as tensors and plain containers (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate()}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
@@ -161,6 +161,7 @@ class Trainer:
         self.dtype = autocast_dtype(t.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.sample = 0, None  # sample: a few training images for the reconstruction figure
+        self.stop_signals: list[int] = []  # SIGTERM / SIGUSR1 received during fit()
         run_id = self.load(resume)
         if t.compile:
             self.model.compile()
@@ -194,7 +195,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["loader"][self.rank])
-        set_rng_state(ckpt["rng"][self.rank])
+        set_rng_state(ckpt["rng"][self.rank], self.device)
         self.step = ckpt["step"]
         if self.rank == 0:
             log.info("resuming from %s at epoch %d, step %d", path, ckpt["epoch"], self.step)
@@ -202,10 +203,10 @@ class Trainer:
 
     def save(self, epoch: int, name: str) -> None:
         """Checkpoint (rank 0 writes; every rank's loader and RNG state is gathered into it)."""
-        per_rank = [(self.loader.state_dict(), rng_state())]
+        per_rank = [(self.loader.state_dict(), rng_state(self.device))]
         if self.world > 1:
             per_rank = [None] * self.world
-            dist.all_gather_object(per_rank, (self.loader.state_dict(), rng_state()))
+            dist.all_gather_object(per_rank, (self.loader.state_dict(), rng_state(self.device)))
         if self.rank == 0:
             save_checkpoint({
                 "model": self.model.state_dict(), "model_args": self.model.model_args,
@@ -214,7 +215,7 @@ class Trainer:
                 "rng": [s[1] for s in per_rank], "config": to_dict(self.cfg),
                 "mlflow_run_id": self.tracker.run_id}, self.run_dir / name)
 
-    def train_step(self, batches, stop_requested: bool) -> tuple[float, bool, float]:
+    def train_step(self, batches) -> tuple[float, bool, float]:
         """One optimiser step over accum_steps micro-batches -> (mean loss over ranks, stop, data wait s)."""
         t, wait, loss_sum = self.cfg.train, 0.0, torch.zeros((), device=self.device)
         self.scheduler.step_update(self.step)
@@ -231,13 +232,13 @@ class Trainer:
                 loss = self.ddp(images, mask, self.cfg.mask.ratio)[0]
             self.scaler.scale(loss / t.accum_steps).backward()
             loss_sum += loss.detach().float()
-        stop_flag = torch.tensor(float(stop_requested), device=self.device)
+        stop_flag = torch.tensor(float(bool(self.stop_signals)), device=self.device)
         stats = torch.stack([loss_sum / t.accum_steps, stop_flag])
         if self.world > 1:  # one collective: the mean loss, and whether any rank got a stop signal
             dist.all_reduce(stats)
         loss_value, stop = stats[0].item() / self.world, stats[1].item() > 0
         if not np.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss is {loss_value} at step {self.step}")
+            raise NonFiniteLoss(f"loss is {loss_value} at step {self.step + 1}")
         if t.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
@@ -250,9 +251,6 @@ class Trainer:
     def fit(self) -> nn.Module:
         """Train to the last epoch (or until a stop signal); returns the unwrapped model."""
         cfg, t, spe = self.cfg, self.cfg.train, self.steps_per_epoch
-        stop_signal = []
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # preemption: finish the step, save, exit 0
-            signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
         start_epoch = self.step // spe
         if self.rank == 0:
             self.tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": self.micro_batch,
@@ -266,13 +264,16 @@ class Trainer:
         bar = tqdm(total=t.epochs * spe, initial=self.step, unit="step", disable=not show_bar)
         window: list[tuple[float, float, float]] = []  # (loss, step seconds, data-wait seconds)
         status = "FAILED"
+        # Preemption (SIGTERM, SIGUSR1): finish the current step, save, return (exit code 0).
+        previous = {sig: signal.signal(sig, lambda signum, frame: self.stop_signals.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             for epoch in range(start_epoch, t.epochs):
                 self.loader.set_epoch(epoch)  # keeps a pending mid-epoch resume point of this epoch
                 batches = iter(self.loader)
                 while self.step < (epoch + 1) * spe:
                     start = time.perf_counter()
-                    loss, stop, wait = self.train_step(batches, bool(stop_signal))
+                    loss, stop, wait = self.train_step(batches)
                     window.append((loss, time.perf_counter() - start, wait))
                     bar.update()
                     img_s = t.batch_size / window[-1][1]
@@ -281,7 +282,10 @@ class Trainer:
                         self.log_metrics(window, show_bar)
                         window = []
                     if stop:
-                        self.save(epoch, "checkpoint-last.pth")
+                        if self.step == (epoch + 1) * spe:
+                            self.end_epoch(epoch + 1, show_bar)
+                        else:
+                            self.save(epoch, "checkpoint-last.pth")
                         status = "KILLED"
                         log.info("stop signal: saved %s at step %d; run the same command to resume",
                                  self.run_dir / "checkpoint-last.pth", self.step)
@@ -297,6 +301,8 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.close(status)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if self.rank == 0:
             print(f"\nDone. Checkpoints: {self.run_dir.resolve()}\nMLflow store: {self.uri}\n"
                   f"Open it with:  {tracking.ui_command(self.uri)}", flush=True)

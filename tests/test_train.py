@@ -1,0 +1,272 @@
+"""train.py end to end on CPU with a tiny demo model and a synthetic image folder.
+
+Covered: checkpoints and MLflow (SQLite) of a full run, the optimiser and schedule, exact resume
+after SIGTERM, a non-finite loss, two torchrun processes (gloo), and a real `mlflow server`
+killed in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+import tracking
+import train
+from configs import load_config
+from model import MaskedAutoencoderViT, load_mae
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.workers=0",
+        "train.warmup_epochs=1", "log.every_steps=1"]
+CONTRACT_KEYS = {"model", "model_args", "optimizer", "scaler", "epoch", "step", "loader", "rng", "config",
+                 "mlflow_run_id"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: identical results, and no OpenMP spinning when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """48 random 32x32 PNGs in two class folders: 6 batches of 8 per epoch."""
+    root = tmp_path_factory.mktemp("images") / "train"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(24):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One runs root (one SQLite store, whose set-up takes seconds) for the in-process runs."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def args(images: Path, runs: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "demo.yaml"), f"data.path={images}", f"log.runs_root={runs}",
+            *TINY, *extra]
+
+
+def mlflow_run(runs: Path, run_dir: Path):
+    client = MlflowClient(tracking.default_tracking_uri(runs))
+    run_id = torch.load(run_dir / "checkpoint-last.pth", weights_only=True)["mlflow_run_id"]
+    return client, client.get_run(run_id)
+
+
+def test_full_run_writes_checkpoints_and_mlflow(images, runs):
+    model = train.main(args(images, runs, "train.epochs=2", "log.run_name=full"))
+    run_dir = runs / "full"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pth")) == [
+        "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"]
+    ckpt = torch.load(run_dir / "checkpoint-last.pth", weights_only=True)
+    assert set(ckpt) == CONTRACT_KEYS
+    assert (ckpt["epoch"], ckpt["step"], len(ckpt["loader"])) == (2, 12, 1)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ckpt["model"][name], tensor), name
+    assert isinstance(load_mae(ckpt), MaskedAutoencoderViT)  # strict load through the model package
+
+    client, run = mlflow_run(runs, run_dir)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["mask.schedule"] == "green"
+    tags = run.data.tags
+    assert [tags[k] for k in ("loader", "mask", "world_size", "device")] == ["torch", "green", "1", "cpu"]
+    assert tags["checkpoint"] == str((run_dir / "checkpoint-last.pth").resolve()) and tags["git_commit"]
+    assert {"loss", "lr", "images_per_s", "data_wait", "step_time_s", "peak_mem_mb"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
+    artifacts = {a.path for folder in ("figures", "reconstructions")
+                 for a in client.list_artifacts(run.info.run_id, folder)}
+    assert artifacts == {"figures/masks.png", "reconstructions/reconstruction-0001.png",
+                         "reconstructions/reconstruction-0002.png"}
+    assert Image.open(run_dir / "reconstruction-0002.png").size == (8 * 33 + 1, 3 * 33 + 1)  # 3 rows of 8
+
+    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
+    peak = load_config(ROOT / "configs" / "demo.yaml", ["train.batch_size=8"]).lr
+    assert lrs[0] == 0.0 and lrs[:7] == sorted(lrs[:7])  # linear warm-up over the first epoch (6 steps)
+    assert lrs[6] == pytest.approx(peak) and lrs[6:] == sorted(lrs[6:], reverse=True)  # then cosine
+
+
+def test_weight_decay_skips_biases_norms_and_tokens(images, tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.path={images}", f"log.runs_root={tmp_path}",
+                                                      *TINY, "log.mlflow=false"])
+    trainer = train.Trainer(cfg)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in trainer.optimizer.param_groups}
+    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= decay[0.0]
+    assert all(n.endswith("weight") and "norm" not in n for n in decay[0.05])
+    assert {"pos_embed", "decoder_pos_embed"}.isdisjoint(decay[0.0] | decay[0.05])  # fixed, not trained
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_resume_after_sigterm_is_exact(images, runs, monkeypatch):
+    """18 steps straight versus 9 steps, SIGTERM, resume, 9 more: identical losses and weights."""
+    straight = train.main(args(images, runs, "train.epochs=3", "log.run_name=straight"))
+
+    real_step = train.Trainer.train_step
+
+    def step_then_signal(self, batches):
+        if self.step == 8:  # during step 9: the loop finishes it, saves and returns
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batches)
+
+    monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
+    train.main(args(images, runs, "train.epochs=3", "log.run_name=split"))
+    ckpt = torch.load(runs / "split" / "checkpoint-last.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["loader"][0]["batches"]) == (1, 9, 3)  # mid-epoch
+    assert mlflow_run(runs, runs / "split")[1].info.status == "KILLED"
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    resumed = train.main(args(images, runs, "train.epochs=3", "log.run_name=split"))
+
+    histories = []
+    for name in ("straight", "split"):
+        client, run = mlflow_run(runs, runs / name)
+        history = client.get_metric_history(run.info.run_id, "loss")
+        histories.append(sorted((m.step, m.value) for m in history))
+    assert [step for step, _ in histories[1]] == list(range(1, 19))  # one MLflow run across the restart
+    assert histories[1] == histories[0]
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, runs, monkeypatch):
+    train.main(args(images, runs, "train.epochs=1", "log.run_name=nan"))
+    last = runs / "nan" / "checkpoint-last.pth"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+
+    real_loss = MaskedAutoencoderViT.forward_loss
+    calls = []
+
+    def loss_turns_nan(self, imgs, pred, mask):
+        calls.append(1)
+        loss = real_loss(self, imgs, pred, mask)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", loss_turns_nan)
+    with pytest.raises(SystemExit, match="loss is nan at step 9") as err:
+        train.main(args(images, runs, "train.epochs=2", "log.run_name=nan"))
+    assert f"last good checkpoint {last} is kept" in str(err.value)
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+    assert mlflow_run(runs, runs / "nan")[1].info.status == "FAILED"
+
+
+def test_config_error_exits_before_any_compute(images, tmp_path):
+    with pytest.raises(SystemExit, match=r"mask\.ratio 1\.5 must lie strictly between 0 and 1"):
+        train.main(args(images, tmp_path, "mask.ratio=1.5"))
+    assert not (tmp_path / "demo").exists()
+
+
+def test_torchrun_two_processes_end_with_identical_weights(images, tmp_path):
+    script = tmp_path / "rank_weights.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "model = train.main(sys.argv[1:])\n"
+        f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')\n"
+        "torch.save(model.state_dict(), out)\n")
+    argv = args(images, tmp_path, "train.epochs=2", "train.steps_per_epoch=2", "log.mlflow=false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), *argv]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)  # the seed of rank 0, whose weights DDP broadcasts at the start
+    initial = train.build_mae("demo", img_size=32, depth=1, decoder_depth=1).state_dict()
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # trained, not just initialised
+    for name, tensor in rank0.items():
+        assert torch.equal(rank1[name], tensor), name
+    ckpt = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["step"] == 4 and len(ckpt["loader"]) == 2
+    assert all(torch.equal(ckpt["model"][name], tensor) for name, tensor in rank0.items())
+    assert ckpt["loader"][0]["mask"]["rng"] != ckpt["loader"][1]["mask"]["rng"]  # per-rank mask streams
+
+
+def run_train(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def wait_for_step(proc: subprocess.Popen, step: int) -> str:
+    """Read the plain log lines (no terminal: no progress bar) until `step` is reported; returns them."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if f" step {step} (" in line:
+            return "".join(lines)
+    pytest.fail(f"training ended before step {step}:\n" + "".join(lines))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(store: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over a SQLite store; returns once /health answers."""
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+           "--artifacts-destination", str(store / "artifacts")]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own process group: killed with its workers
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not start within 120 s")
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
+    port, store = free_port(), tmp_path / "server"
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(store, port)
+    try:
+        proc = run_train(args(images, tmp_path, "train.epochs=3", "--mlflow-uri", uri))
+        assert "unreachable" not in wait_for_step(proc, 3)  # steps 1-3 reached the server
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        log = proc.communicate()[1]
+        assert proc.returncode == 0, log
+        assert log.count("is unreachable") == 1, log
+        assert f"python tracking.py sync {tmp_path / 'demo'}" in log
+        server = start_server(store, port)
+        sync = subprocess.run([sys.executable, "tracking.py", "sync", str(tmp_path / "demo")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert sync.returncode == 0, sync.stderr
+        client = MlflowClient(uri)
+        run_id = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)["mlflow_run_id"]
+        assert run_id and run_id in sync.stdout
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(1, 19))
+        recon = {a.path for a in client.list_artifacts(run_id, "reconstructions")}
+        assert recon == {f"reconstructions/reconstruction-000{e}.png" for e in (1, 2, 3)}
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
