@@ -1,4 +1,4 @@
-"""The torch backend: PIL decode + torchvision transforms in DataLoader workers."""
+"""The torch backend: torchvision decode and transforms (uint8 tensors) in DataLoader workers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from .base import (
@@ -40,7 +40,7 @@ def build_transform(img_size: int, train: bool, normalise: bool) -> v2.Compose:
     else:
         geometry = [CenterSquare(img_size), v2.Resize((img_size, img_size), interpolation=bicubic)]
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose([*geometry, v2.PILToTensor(), *(to_float if normalise else [])])
+    return v2.Compose([*geometry, *(to_float if normalise else [])])
 
 
 class CenterSquare(torch.nn.Module):
@@ -50,9 +50,10 @@ class CenterSquare(torch.nn.Module):
         super().__init__()
         self.img_size = img_size
 
-    def forward(self, img: Image.Image) -> Image.Image:
-        side = eval_crop_side(img.height, img.width, self.img_size)
-        return v2.functional.crop(img, (img.height - side) // 2, (img.width - side) // 2, side, side)
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        height, width = img.shape[-2:]
+        side = eval_crop_side(height, width, self.img_size)
+        return v2.functional.crop(img, (height - side) // 2, (width - side) // 2, side, side)
 
 
 class ManifestDataset(Dataset):
@@ -67,8 +68,7 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        with Image.open(self.files[index]) as img:
-            img = img.convert("RGB")
+        img = decode_image(read_file(self.files[index]), mode=ImageReadMode.RGB)  # JPEG/PNG, RGB or grey
         if self.seeded:
             with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
                 torch.manual_seed(sample_seed(self.seed, epoch, index))
