@@ -228,3 +228,19 @@ def test_timm_optimizer_skips_decay_on_tokens_norms_biases(demo):
     assert all(n.endswith("weight") and "norm" not in n for n in by_decay[0.05])
     assert "blocks.0.attn.qkv.weight" in by_decay[0.05]
     assert "pos_embed" not in by_decay[0.0] | by_decay[0.05]  # fixed, not trained
+
+
+@pytest.mark.gpu
+def test_cuda_step_matches_cpu_and_runs_in_bf16(demo):
+    imgs = images()
+    mask = demo.random_mask(2, 0.75, imgs.device)
+    cpu_loss, _, _ = demo(imgs, mask)
+    model = build_mae("demo").cuda()
+    model.load_state_dict(demo.state_dict())
+    cuda_loss, _, _ = model(imgs.cuda(), mask.cuda())
+    torch.testing.assert_close(cuda_loss.cpu(), cpu_loss, rtol=1e-2, atol=1e-3)  # TF32 convs
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, pred, _ = model(imgs.cuda(), mask.cuda())
+    loss.backward()
+    assert pred.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
