@@ -226,5 +226,6 @@ def compare_public(model: MaskedAutoencoderViT, ours: dict, args: argparse.Names
             "speedup": round(mine["images_per_s"] / theirs["images_per_s"], 3),
             "peak_mem_mb": mine["peak_mem_mb"], "public_style_peak_mem_mb": theirs["peak_mem_mb"]}
 
+
 if __name__ == "__main__":
     main()
