@@ -3,9 +3,10 @@
     python bench/loaders.py [--data DIR] --json runs/bench-loaders.json
 
 Without --data the ImageNet-like JPEG corpus is built first (pipelines.prepare jpeg-corpus). Every
-backend runs the training transform at S=224, batch 64, all cores, over full epochs after a warm-up
-epoch (ffcv compiles its pipeline then). Decode-only is the best of PIL and DALI's CPU decoder on
-the same files with the same worker count, no augmentation: the reference limit.
+backend runs the training transform at S=224, batch 64, all cores; each loader first runs an untimed
+epoch (ffcv compiles its pipeline then), then every round times one full epoch of each loader and
+the decode-only rate (the best of PIL and DALI's CPU decoder on the same files, same worker count,
+no augmentation: the reference limit). The best round counts, to damp load from other processes.
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ from pipelines import LOADERS, LoaderConfig, build_loader, scan
 from pipelines.prepare import prepare_jpeg_corpus
 
 
-def loader_rate(cfg: LoaderConfig, epochs: int) -> float:
-    """Images/s over `epochs` timed epochs, after one warm-up epoch."""
+def warm_loader(cfg: LoaderConfig):
+    """A loader after one untimed epoch (page cache, worker start, ffcv's JIT compilation)."""
     loader = build_loader(cfg)
-    for _ in loader:  # warm-up: page cache, workers, ffcv's JIT compilation
+    for _ in loader:
         pass
+    return loader
+
+
+def epoch_rate(loader, epoch: int) -> float:
+    """Images/s of one full epoch."""
+    loader.set_epoch(epoch)
     images, start = 0, time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        loader.set_epoch(epoch)
-        for batch in loader:
-            images += len(batch["labels"])
-    rate = images / (time.perf_counter() - start)
-    del loader
-    return rate
+    for batch in loader:
+        images += len(batch["labels"])
+    return images / (time.perf_counter() - start)
 
 
 def pil_decode_rate(files: list[str], workers: int) -> float:
@@ -83,32 +86,43 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best round counts")
     args = parser.parse_args()
 
     data = args.data or prepare_jpeg_corpus(args.corpus, n=args.n)
     files = scan(data).files
-    decode = max(pil_decode_rate(files, args.workers), dali_decode_rate(files, args.workers, args.batch_size))
-    print(f"decode-only: {decode:.1f} images/s ({len(files)} files, {args.workers} workers)", flush=True)
-
     names = args.loaders.split(",")
-    runs = [(name, "cpu") for name in names]
+    runs = [(name, "cpu", mask) for name in names for mask in (False, True)]
     if torch.cuda.is_available() and "dali" in names:
-        runs.append(("dali", "cuda"))  # DALI with 'mixed' decode on the GPU
-    results = []
-    for name, device in runs:
-        rates = {}
-        for mask in (False, True):
-            cfg = LoaderConfig(
-                loader=name, data=str(data), img_size=args.img_size, batch_size=args.batch_size,
-                workers=args.workers, train=True, mask="green" if mask else None, device=device,
-            )  # fmt: skip
-            rates[mask] = loader_rate(cfg, args.epochs)
-            label = name if device == "cpu" else f"{name}-gpu"
-            results.append({"loader": label, "mask": mask, "images_per_s": round(rates[mask], 1)})
-            print(f"{label:8s} mask={mask!s:5s} {rates[mask]:8.1f} images/s", flush=True)
-        print(f"{'':8s} mask stage cost {100 * (1 - rates[True] / rates[False]):+.1f}%", flush=True)
+        runs += [("dali", "cuda", mask) for mask in (False, True)]  # DALI 'mixed' decode on the GPU
+    loaders = {}
+    for name, device, mask in runs:
+        loaders[name, device, mask] = warm_loader(LoaderConfig(
+            loader=name, data=str(data), img_size=args.img_size, batch_size=args.batch_size,
+            workers=args.workers, train=True, mask="green" if mask else None, device=device,
+        ))  # fmt: skip
 
+    # Rounds interleave every measurement, so load from other processes hits all of them alike.
+    decode, best = 0.0, dict.fromkeys(loaders, 0.0)
+    for round_ in range(1, args.rounds + 1):
+        pil = pil_decode_rate(files, args.workers)
+        dali = dali_decode_rate(files, args.workers, args.batch_size)
+        decode = max(decode, pil, dali)
+        print(f"round {round_}: decode-only PIL {pil:.1f}, DALI {dali:.1f} images/s", flush=True)
+        for key, loader in loaders.items():
+            rate = epoch_rate(loader, round_)
+            best[key] = max(best[key], rate)
+            name, device, mask = key
+            print(f"round {round_}: {name:5s} {device:4s} mask={mask!s:5s} {rate:8.1f} images/s", flush=True)
+
+    results = [
+        {"loader": name if device == "cpu" else f"{name}-gpu", "mask": mask, "images_per_s": round(rate, 1)}
+        for (name, device, mask), rate in best.items()
+    ]
+    print(f"decode-only: {decode:.1f} images/s ({len(files)} files, {args.workers} workers)")
+    for name, device, _ in runs[::2]:
+        cost = 1 - best[name, device, True] / best[name, device, False]
+        print(f"{name:5s} {device:4s} mask stage cost {100 * cost:+.1f}%")
     masked = {r["loader"]: r["images_per_s"] for r in results if r["mask"]}
     for label, rate in masked.items():
         versus_torch = f", {rate / masked['torch']:.2f}x torch" if "torch" in masked else ""

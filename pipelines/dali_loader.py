@@ -120,14 +120,16 @@ class DALILoader(BaseLoader):
         names = ["images", "labels"] + (["mask"] if self.masks else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         iterator = DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=policy)
-        for step, (out,) in enumerate(iterator):
-            if step < skip:
-                continue
-            labels = out["labels"].view(-1).long()
-            yield out["images"], labels, out["mask"].view(len(labels), -1) if self.masks else None
-        if self.masks:  # rewind the draws DALI made ahead of the consumer
-            self.masks.generator.load_state_dict(self.mask_source.state_at(len(self)))
-        self.mask_source = None
+        try:
+            for step, (out,) in enumerate(iterator):
+                if step < skip:
+                    continue
+                labels = out["labels"].view(-1).long()
+                yield out["images"], labels, out["mask"].view(len(labels), -1) if self.masks else None
+        finally:  # epoch end or an early break: rewind the mask draws DALI made ahead of the consumer
+            if self.mask_source is not None:
+                self.masks.generator.load_state_dict(self.mask_source.state_at(self._consumed))
+            self.mask_source = None
 
     def _mask_state(self) -> dict | None:
         if self.mask_source is not None:

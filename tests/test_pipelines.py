@@ -172,6 +172,14 @@ def test_mid_epoch_resume_gives_identical_batches(folder, backend):
     resumed.set_epoch(3)  # the trainer's call for the resumed epoch keeps the resume point
     again = list(resumed)
     assert len(again) == len(rest) == len(first) - 2
+    # A checkpoint at the epoch's end continues into the next epoch exactly (DALI's run-ahead
+    # mask draws are rewound).
+    at_end = build_loader(cfg)
+    at_end.load_state_dict(first.state_dict())
+    for loader in (first, at_end):
+        loader.set_epoch(4)
+    rest.append(next(iter(first)))
+    again.append(next(iter(at_end)))
     for a, b in zip(rest, again, strict=True):
         for key in ("images", "mask", "labels"):
             assert torch.equal(a[key], b[key]), key
