@@ -154,7 +154,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20 if cuda else 2, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps first")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32",
-                   help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
+                   help="autocast dtype (default bf16 on GPU, fp32 on CPU; bf16 on CPU needs AMX or "
+                   "AVX512-BF16 to pay off)")
     p.add_argument("--data", type=Path, help="class-folder JPEG root for loader rows "
                    "(default: runs/jpeg-corpus, made with `python -m pipelines.prepare jpeg-corpus`)")
     p.add_argument("--demo-data", type=Path, default=ROOT / "data" / "fashion-mnist" / "train",
