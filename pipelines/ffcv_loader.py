@@ -111,7 +111,8 @@ class SharedOrder(TraversalOrder):
 
 
 class FFCVLoader(BaseLoader):
-    """ffcv Loader over `cfg.ffcv_path` (written from `cfg.data` first when None or stale)."""
+    """ffcv Loader over `cfg.ffcv_path`, or over a .beton written once from `cfg.data` into its cache
+    folder (named by the manifest's signature, so a changed folder gets a new file)."""
 
     def __init__(self, cfg):
         manifest = scan(cfg.data, workers=cfg.workers or None) if cfg.data else None
@@ -149,11 +150,7 @@ class FFCVLoader(BaseLoader):
             num_workers=max(cfg.workers, 1),
             order=SharedOrder(num_samples, cfg, equal=self.drop_last),
             drop_last=self.drop_last,
-            seed=cfg.seed,
-            pipelines={
-                "image": image_ops,
-                "label": label_ops,
-            },
+            pipelines={"image": image_ops, "label": label_ops},
         )
 
     def __len__(self) -> int:

@@ -199,3 +199,12 @@ def test_ffcv_training_epoch(folder):
     assert len(loader) == (GOOD_JPEGS + 2) // BATCH
     assert epoch["images"].shape == (len(loader) * BATCH, 3, SIZE, SIZE)
     assert ((~epoch["mask"]).sum(dim=1) == VISIBLE).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_batches_live_on_the_device(folder, backend):
+    batch = next(iter(build_loader(_config(folder, backend, device="cuda", train=True))))
+    assert all(batch[key].device.type == "cuda" for key in ("images", "mask", "labels"))
+    assert batch["images"].shape == (BATCH, 3, SIZE, SIZE) and batch["images"].dtype == torch.float32
+    assert ((~batch["mask"]).sum(dim=1) == VISIBLE).all()
