@@ -79,7 +79,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=None, help="class folder (default: build the corpus)")
-    parser.add_argument("--corpus", type=Path, default=Path("data/jpeg-corpus"), help="where to build it")
+    parser.add_argument("--corpus", type=Path, default=Path("runs/jpeg-corpus"), help="where to build it")
     parser.add_argument("--n", type=int, default=2000, help="corpus size when building it")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--loaders", default=",".join(LOADERS))
