@@ -57,7 +57,7 @@ def cache_dir_for(root: Path) -> Path:
     local = root / CACHE_NAME
     try:
         local.mkdir(exist_ok=True)
-        probe = local / ".write-test"
+        probe = local / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
         return local
