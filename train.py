@@ -11,9 +11,14 @@ command again (or --resume PATH) continues exactly where the run stopped.
 
 from __future__ import annotations
 
+import os
+
+# Waiting OpenMP threads sleep instead of spinning (set before torch loads): on a few shared CPU
+# cores, spinning threads starve the loader workers and other processes, which costs several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import logging
-import os
 import random
 import resource
 import signal
@@ -33,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import tracking
 from configs import Config, ConfigError, flatten, load_config, model_kwargs, to_dict, validate
@@ -191,6 +197,10 @@ class Trainer:
         if len(ckpt["loader"]) != self.world:
             raise ConfigError(f"{path} was written by {len(ckpt['loader'])} processes and this run has "
                               f"{self.world}: exact resume needs the same world size")
+        if ckpt["step"] // self.steps_per_epoch != ckpt["epoch"]:
+            raise ConfigError(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}) was written with "
+                              f"another number of steps per epoch than this run's {self.steps_per_epoch}: "
+                              "resume with the same batch size, accumulation, steps_per_epoch and data")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -366,7 +376,8 @@ def main(argv: list[str] | None = None) -> nn.Module:
     try:
         cfg, args = parse_args(argv)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-        return Trainer(cfg, args.resume).fit()
+        with logging_redirect_tqdm():  # log lines go above the progress bar
+            return Trainer(cfg, args.resume).fit()
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from err
     finally:
