@@ -6,7 +6,8 @@ Without --data the ImageNet-like JPEG corpus is built first (pipelines.prepare j
 backend runs the training transform at S=224, batch 64, all cores; each loader first runs an untimed
 epoch (ffcv compiles its pipeline then), then every round times one full epoch of each loader and
 the decode-only rate (the best of PIL and DALI's CPU decoder on the same files, same worker count,
-no augmentation: the reference limit). The best round counts, to damp load from other processes.
+no augmentation: the reference limit). Each figure is the median over rounds, to damp the load of
+other processes on a shared machine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best round counts")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; figures are their medians")
     args = parser.parse_args()
 
     data = args.data or prepare_jpeg_corpus(args.corpus, n=args.n)
@@ -103,25 +105,27 @@ def main() -> None:
         ))  # fmt: skip
 
     # Rounds interleave every measurement, so load from other processes hits all of them alike.
-    decode, best = 0.0, dict.fromkeys(loaders, 0.0)
+    decode_rates, rates = [], {key: [] for key in loaders}
     for round_ in range(1, args.rounds + 1):
         pil = pil_decode_rate(files, args.workers)
         dali = dali_decode_rate(files, args.workers, args.batch_size)
-        decode = max(decode, pil, dali)
+        decode_rates.append(max(pil, dali))  # the fastest available decoder
         print(f"round {round_}: decode-only PIL {pil:.1f}, DALI {dali:.1f} images/s", flush=True)
         for key, loader in loaders.items():
             rate = epoch_rate(loader, round_)
-            best[key] = max(best[key], rate)
+            rates[key].append(rate)
             name, device, mask = key
             print(f"round {round_}: {name:5s} {device:4s} mask={mask!s:5s} {rate:8.1f} images/s", flush=True)
 
+    decode = statistics.median(decode_rates)
+    median = {key: statistics.median(values) for key, values in rates.items()}
     results = [
         {"loader": name if device == "cpu" else f"{name}-gpu", "mask": mask, "images_per_s": round(rate, 1)}
-        for (name, device, mask), rate in best.items()
+        for (name, device, mask), rate in median.items()
     ]
     print(f"decode-only: {decode:.1f} images/s ({len(files)} files, {args.workers} workers)")
     for name, device, _ in runs[::2]:
-        cost = 1 - best[name, device, True] / best[name, device, False]
+        cost = 1 - median[name, device, True] / median[name, device, False]
         print(f"{name:5s} {device:4s} mask stage cost {100 * cost:+.1f}%")
     masked = {r["loader"]: r["images_per_s"] for r in results if r["mask"]}
     for label, rate in masked.items():
