@@ -285,9 +285,9 @@ class Trainer:
                     start = time.perf_counter()
                     loss, stop, wait = self.train_step(batches)
                     window.append((loss, time.perf_counter() - start, wait))
-                    bar.update()
                     img_s = t.batch_size / window[-1][1]
-                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{img_s:.0f}")
+                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{img_s:.0f}", refresh=False)
+                    bar.update()
                     if self.rank == 0 and (self.step % cfg.log.every_steps == 0 or stop):
                         self.log_metrics(window, show_bar)
                         window = []

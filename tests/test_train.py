@@ -118,6 +118,38 @@ def test_weight_decay_skips_biases_norms_and_tokens(images, tmp_path):
     assert trainer.optimizer.defaults["betas"] == (0.9, 0.95)
 
 
+def test_gradient_accumulation_matches_one_big_batch(images, tmp_path):
+    """Two micro-batches of 4 accumulate the gradient of one batch of 8 (loss scaled by 1/accum_steps)."""
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(8, 3, 32, 32, generator=gen)
+    mask = torch.rand(8, 64, generator=gen).argsort(dim=1) >= 16  # 16 visible patches per image
+    results = []
+    for accum in (1, 2):
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [
+            f"data.path={images}", f"log.runs_root={tmp_path / str(accum)}", *TINY, "log.mlflow=false",
+            "train.warmup_epochs=0", f"train.accum_steps={accum}"])
+        trainer = train.Trainer(cfg)
+        trainer.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients to compare
+        micro = 8 // accum
+        batches = iter([{"images": imgs[i:i + micro], "mask": mask[i:i + micro]} for i in range(0, 8, micro)])
+        loss, stop, _ = trainer.train_step(batches)
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss, grads, trainer.step, stop))
+    (loss1, grads1, step1, stop1), (loss2, grads2, step2, stop2) = results
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and step1 == step2 == 1 and not (stop1 or stop2)
+    assert grads1.keys() == grads2.keys() and len(grads1) > 10
+    for name, grad in grads1.items():
+        torch.testing.assert_close(grads2[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_command_line_flags_and_overrides_mix():
+    cfg, cli = train.parse_args(["--config", str(ROOT / "configs" / "demo.yaml"), "train.epochs=5",
+                                 "--loader", "dali", "mask.schedule=blue", "--mlflow-uri", "http://h:5000",
+                                 "--resume", "runs/demo"])
+    assert (cfg.train.epochs, cfg.mask.schedule, cfg.data.loader) == (5, "blue", "dali")
+    assert cfg.log.mlflow_uri == "http://h:5000" and cli.resume == "runs/demo"
+
+
 def test_resume_after_sigterm_is_exact(images, runs, monkeypatch):
     """18 steps straight versus 9 steps, SIGTERM, resume, 9 more: identical losses and weights."""
     straight = train.main(args(images, runs, "train.epochs=3", "log.run_name=straight"))
@@ -270,3 +302,17 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_gpu_run_in_mixed_precision_resumes(images, tmp_path, precision):
+    """The CUDA twin of the CPU runs: bf16 autocast (auto) or fp16 with a grad scaler, then resume."""
+    argv = args(images, tmp_path, "train.device=cuda", f"train.precision={precision}", "log.mlflow=false")
+    train.main([*argv, "train.epochs=1"])
+    model = train.main([*argv, "train.epochs=2"])
+    ckpt = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["rng"][0]["cuda"] is not None
+    assert next(model.parameters()).is_cuda
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # the scaler state exists only for fp16
