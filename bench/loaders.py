@@ -111,7 +111,8 @@ def main() -> None:
         dali = dali_decode_rate(files, args.workers, args.batch_size)
         decode_rates.append(max(pil, dali))  # the fastest available decoder
         print(f"round {round_}: decode-only PIL {pil:.1f}, DALI {dali:.1f} images/s", flush=True)
-        for key, loader in loaders.items():
+        order = list(loaders.items())
+        for key, loader in order if round_ % 2 else order[::-1]:  # alternate: no fixed neighbours
             rate = epoch_rate(loader, round_)
             rates[key].append(rate)
             name, device, mask = key
