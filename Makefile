@@ -3,7 +3,7 @@ PY := .venv/bin/python
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup train test lint masks bench clean
+.PHONY: setup train test lint masks bench bench-masks bench-loaders bench-train reproduce compare clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,10 +19,24 @@ lint: setup
 	.venv/bin/ruff check .
 
 masks: setup
-	$(PY) -m noise.show --out masks.png
+	$(PY) -m noise.show --out $(RUNS)/masks.png
 
-bench: setup
-	$(PY) bench/masks.py --json $(RUNS)/bench-masks.json
+bench: bench-masks bench-loaders bench-train
+
+bench-masks: setup
+	$(PY) bench/masks.py --json $(RUNS)/bench/masks.json
+
+bench-loaders: setup
+	$(PY) bench/loaders.py --json $(RUNS)/bench/loaders.json
+
+bench-train: setup
+	$(PY) bench/train_step.py --json $(RUNS)/bench/train_step.json
+
+reproduce: setup
+	$(PY) bench/reproduce.py --quick --json $(RUNS)/bench/reproduce-quick.json
+
+compare: setup
+	$(PY) -m eval.compare --experiment colormae-demo --out $(RUNS)/compare
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -54,6 +55,16 @@ class CenterSquare(torch.nn.Module):
         height, width = img.shape[-2:]
         side = eval_crop_side(height, width, self.img_size)
         return v2.functional.crop(img, (height - side) // 2, (width - side) // 2, side, side)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which finishes its step and checkpoints.
+
+    A scheduler that signals the whole process group (SLURM's scancel) would otherwise kill the
+    workers first, and the DataLoader would abort the very step that should end with a save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class ManifestDataset(Dataset):
@@ -118,6 +129,7 @@ class TorchLoader(BaseLoader):
             num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.workers > 0,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def __len__(self) -> int:

@@ -208,3 +208,20 @@ def test_gpu_batches_live_on_the_device(folder, backend):
     assert all(batch[key].device.type == "cuda" for key in ("images", "mask", "labels"))
     assert batch["images"].shape == (BATCH, 3, SIZE, SIZE) and batch["images"].dtype == torch.float32
     assert ((~batch["mask"]).sum(dim=1) == VISIBLE).all()
+
+
+def test_torch_workers_leave_stop_signals_to_the_trainer(folder):
+    """SIGTERM sent to a worker (as scancel does to the process group) must not break the epoch."""
+    import os
+    import signal
+
+    loader = build_loader(_config(folder, "torch", workers=1, train=True))
+    batches = iter(loader)
+    next(batches)
+    workers = loader.dataloader._iterator._workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    rest = list(batches)
+    assert 1 + len(rest) == len(loader)
+    assert all(worker.is_alive() for worker in workers)
