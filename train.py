@@ -47,7 +47,6 @@ from noise import parse_schedule
 from pipelines import LoaderConfig, build_loader
 
 log = logging.getLogger("train")
-NO_WEIGHT_DECAY = ("pos_embed", "decoder_pos_embed", "cls_token", "mask_token")  # + biases, norms (1-D)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -157,7 +156,9 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data.path {cfg.data.path} has too few images for a step of {t.batch_size}")
 
-        groups = param_groups_weight_decay(self.model, t.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        # No decay on biases and norms (1-D) nor on the model's tokens and position embeddings.
+        groups = param_groups_weight_decay(self.model, t.weight_decay,
+                                           no_weight_decay_list=self.model.no_weight_decay())
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(t.betas),
                                            fused=self.device.type == "cuda")
         warmup, total = t.warmup_epochs * self.steps_per_epoch, t.epochs * self.steps_per_epoch
@@ -363,9 +364,14 @@ class Trainer:
 
 
 def git_commit() -> str:
-    """The commit this code runs at, for the run's tags."""
-    repo = Path(__file__).parent
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    """The commit this code runs at, for the run's tags (GIT_COMMIT wins: images carry no .git)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        return "unknown"
     return out.stdout.strip() or "unknown"
 
 

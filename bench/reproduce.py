@@ -40,7 +40,6 @@ from model import build_mae  # noqa: E402
 from noise import MaskGenerator, mask_to_torch  # noqa: E402
 
 MASKS = ("random", "red", "blue", "green", "purple")
-NO_WEIGHT_DECAY = ("pos_embed", "decoder_pos_embed", "cls_token", "mask_token")
 BUDGET_FLAGS = ("train_images", "test_images", "epochs", "batch_size", "seg_train", "seg_test",
                 "probe_epochs")
 BUDGETS = {
@@ -137,8 +136,8 @@ def pretrain(mask: str, seed: int, data: dict, args) -> tuple[torch.nn.Module, f
     grid = args.img_size // mae.model_args["patch_size"]
     masks = MaskGenerator(mask, grid=grid, mask_ratio=0.75, seed=seed, device=str(device))
     lr = args.base_lr * args.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(mae, 0.05, no_weight_decay_list=NO_WEIGHT_DECAY),
-                                  lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    groups = param_groups_weight_decay(mae, 0.05, no_weight_decay_list=mae.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     pixels = data["train_pixels"]
     steps_per_epoch = len(pixels) // args.batch_size
     total = args.epochs * steps_per_epoch

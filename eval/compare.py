@@ -27,17 +27,31 @@ ALPHA = 0.05
 
 
 def fetch_runs(experiment: str, uri: str) -> pd.DataFrame:
-    """All runs of an experiment as mlflow.search_runs' DataFrame (params.*, metrics.*, tags.* columns)."""
-    import mlflow
+    """All runs of an experiment, one row each: ``run_id`` and params.*, metrics.*, tags.* columns.
 
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        names = [e.name for e in mlflow.search_experiments()]
+    Reads through its own client, so the process-wide tracking URI (and MLFLOW_TRACKING_URI,
+    which ``mlflow.set_tracking_uri`` would overwrite) stay as they are.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
         raise ValueError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {names}")
-    runs = mlflow.search_runs(experiment_names=[experiment], max_results=100_000)
-    if runs.empty:
+    rows, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
+        rows += [{"run_id": run.info.run_id,
+                  **{f"params.{key}": value for key, value in run.data.params.items()},
+                  **{f"metrics.{key}": value for key, value in run.data.metrics.items()},
+                  **{f"tags.{key}": value for key, value in run.data.tags.items()}} for run in page]
+        token = page.token
+        if not token:
+            break
+    if not rows:
         raise ValueError(f"MLflow experiment {experiment!r} at {uri} has no runs")
-    return runs
+    return pd.DataFrame(rows)
 
 
 def samples_from_runs(runs: pd.DataFrame, by: str = "mask") -> pd.DataFrame:

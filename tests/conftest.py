@@ -25,3 +25,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking_server(monkeypatch):
+    """Tests use their own MLflow stores, never a server named in the caller's environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

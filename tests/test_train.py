@@ -316,3 +316,12 @@ def test_gpu_run_in_mixed_precision_resumes(images, tmp_path, precision):
     assert next(model.parameters()).is_cuda
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert bool(ckpt["scaler"]) == (precision == "fp16")  # the scaler state exists only for fp16
+
+
+def test_git_commit_tag_from_env_or_unknown_without_git(monkeypatch):
+    monkeypatch.setenv("GIT_COMMIT", "abc123")
+    assert train.git_commit() == "abc123"
+    monkeypatch.delenv("GIT_COMMIT")
+    assert len(train.git_commit()) == 40  # this checkout's commit
+    monkeypatch.setenv("PATH", "/nonexistent")  # an image without git
+    assert train.git_commit() == "unknown"
