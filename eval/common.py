@@ -4,13 +4,51 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")
+
+
+def fit_head(
+    head: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> nn.Module:
+    """Train a probe head on cached (N, ...) inputs: AdamW, cosine decay per step; returns it in eval mode.
+
+    ``loss_fn(head, input_batch, target_batch)`` gives the loss. Batches of one sample are
+    skipped (the heads start with a BatchNorm).
+    """
+    if len(inputs) != len(targets):
+        raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(inputs) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator).to(inputs.device)
+        for start in range(0, len(inputs), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < 2:
+                continue
+            loss = loss_fn(head, inputs[batch], targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return head.eval()
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:

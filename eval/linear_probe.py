@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from eval.common import fit_head
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -34,28 +37,10 @@ def train_linear_probe(
     seed: int = 0,
 ) -> nn.Sequential:
     """Fit `linear_head` on (N, D) features with AdamW + cosine decay; returns the head in eval mode."""
-    if len(features) != len(labels):
-        raise ValueError(f"{len(features)} features but {len(labels)} labels")
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = linear_head(features.shape[1], num_classes).to(features.device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * -(-len(features) // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(features), generator=generator).to(features.device)
-        for start in range(0, len(features), batch_size):
-            batch = order[start : start + batch_size]
-            if len(batch) < 2:  # BatchNorm needs two samples to normalise
-                continue
-            loss = loss_fn(head(features[batch].float()), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return head.eval()
+    return fit_head(head, features, labels, lambda h, x, y: F.cross_entropy(h(x.float()), y),
+                    epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, seed=seed)
 
 
 @torch.no_grad()

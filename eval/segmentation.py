@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.common import fit_head
+
 IGNORE_INDEX = 255
 
 
@@ -89,28 +91,14 @@ def train_seg_head(
     seed: int = 0,
 ) -> LinearSegHead:
     """Fit a `LinearSegHead` on cached (N, D, G, G) features against (N, H, W) labels (AdamW, cosine)."""
-    if len(feature_maps) != len(labels):
-        raise ValueError(f"{len(feature_maps)} feature maps but {len(labels)} label maps")
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = LinearSegHead(feature_maps.shape[1], num_classes).to(feature_maps.device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * -(-len(labels) // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator).to(labels.device)
-        for start in range(0, len(labels), batch_size):
-            batch = order[start : start + batch_size]
-            if len(batch) < 2:  # BatchNorm needs two samples to normalise
-                continue
-            logits = head(feature_maps[batch], labels.shape[-2:])
-            loss = F.cross_entropy(logits, labels[batch], ignore_index=IGNORE_INDEX)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return head.eval()
+
+    def loss_fn(h: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(h(x, y.shape[-2:]), y, ignore_index=IGNORE_INDEX)
+
+    return fit_head(head, feature_maps, labels, loss_fn,
+                    epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=1e-4, seed=seed)
 
 
 @torch.no_grad()
