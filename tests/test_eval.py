@@ -173,3 +173,14 @@ def test_ade20k_layout_ignores_zero_and_shifts_classes(tmp_path):
     Image.fromarray(unknown).save(tmp_path / "annotations" / "training" / "a.png")
     with pytest.raises(ValueError, match=r"label values \[151\]"):
         seg_data.ade20k_split(tmp_path, "training", 12)
+
+
+def test_fine_tuning_randaugment_survives_full_magnitude_posterize():
+    """MAE's RandAugment ('inc1') posterizes to 0 bits at full magnitude: the pinned Pillow must allow it."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    augment = rand_augment_transform("rand-n1-m10-inc1", {})
+    augment.ops = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    augment.ops[0].prob = 1.0
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(augment(img)).max() == 0  # 0 bits kept: black
