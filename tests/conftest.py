@@ -1,9 +1,12 @@
 """Shared pytest set-up: the repo root on sys.path and the GPU skip rule."""
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -31,3 +34,20 @@ def pytest_collection_modifyitems(config, items):
 def _no_outside_tracking_server(monkeypatch):
     """Tests use their own MLflow stores, never a server named in the caller's environment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _write_random_pngs(root: Path, per_class: int) -> Path:
+    """Classes `a` and `b` of `per_class` random 32x32 RGB PNGs each (seeded); returns `root`."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def random_image_folder() -> Callable[[Path, int], Path]:
+    """Writes a tiny two-class image folder: `random_image_folder(root, per_class)`."""
+    return _write_random_pngs

@@ -146,22 +146,12 @@ def test_requests_without_valid_credentials_are_refused(mlflow_server):
     assert status_of(url, ADMIN) == 200
 
 
-def image_folder(root: Path) -> Path:
-    """Two classes of eight random 32-pixel PNGs."""
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for index in range(8):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{index}.png")
-    return root
-
-
-def test_two_concurrent_trainings_are_logged_completely(mlflow_server, postgres_uri, tmp_path, monkeypatch):
+def test_two_concurrent_trainings_are_logged_completely(mlflow_server, postgres_uri, tmp_path, monkeypatch,
+                                                        random_image_folder):
     from mlflow.tracking import MlflowClient
 
     url, artifacts = mlflow_server
-    data = image_folder(tmp_path / "images")
+    data = random_image_folder(tmp_path / "images", 8)
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": ADMIN[0],
            "MLFLOW_TRACKING_PASSWORD": ADMIN[1], "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

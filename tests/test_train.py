@@ -17,7 +17,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -45,16 +44,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
+def images(tmp_path_factory, random_image_folder) -> Path:
     """48 random 32x32 PNGs in two class folders: 6 batches of 8 per epoch."""
-    root = tmp_path_factory.mktemp("images") / "train"
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (root / label).mkdir(parents=True)
-        for i in range(24):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / label / f"{i}.png")
-    return root
+    return random_image_folder(tmp_path_factory.mktemp("images") / "train", 24)
 
 
 @pytest.fixture(scope="module")
