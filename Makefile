@@ -13,7 +13,8 @@ train: setup
 	$(PY) train.py --config configs/demo.yaml
 
 test: setup lint
-	$(PY) -m pytest -q
+	@# a bound on the whole suite (it takes ~5 min on 2 cores), in case a process hangs at exit
+	timeout --kill-after=30 2400 $(PY) -m pytest -q
 
 lint: setup
 	.venv/bin/ruff check .

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -62,9 +64,27 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
     A scheduler that signals the whole process group (SLURM's scancel) would otherwise kill the
     workers first, and the DataLoader would abort the very step that should end with a save.
+    Because of this, multiprocessing's exit-time terminate() cannot stop them either:
+    `shut_down_workers_at_exit` does it first.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+LIVE_DATALOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch's own exit hooks, so it runs before them
+def shut_down_workers_at_exit() -> None:
+    """Stop persistent workers still alive at interpreter exit through the DataLoader's own shutdown.
+
+    Without it, multiprocessing's exit hook would SIGTERM the workers (ignored, see above) and then
+    wait for them forever.
+    """
+    for dataloader in list(LIVE_DATALOADERS):
+        iterator = dataloader._iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 class ManifestDataset(Dataset):
@@ -131,6 +151,7 @@ class TorchLoader(BaseLoader):
             persistent_workers=cfg.workers > 0,
             worker_init_fn=ignore_stop_signals,
         )
+        LIVE_DATALOADERS.add(self.dataloader)
 
     def __len__(self) -> int:
         return len(self.sampler)

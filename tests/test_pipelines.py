@@ -225,3 +225,19 @@ def test_torch_workers_leave_stop_signals_to_the_trainer(folder):
     rest = list(batches)
     assert 1 + len(rest) == len(loader)
     assert all(worker.is_alive() for worker in workers)
+
+
+def test_process_exits_with_torch_workers_still_alive(folder):
+    """Workers ignore SIGTERM, so the exit hook must stop them or the interpreter waits forever."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pipelines import LoaderConfig, build_loader; "
+              f"batches = iter(build_loader(LoaderConfig(data={str(folder)!r}, img_size={SIZE}, "
+              f"patch_size={PATCH}, batch_size={BATCH}, workers=2, train=True))); "
+              "next(batches); print('one batch', flush=True)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "one batch" in done.stdout
