@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
+import os
 import signal
-import weakref
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -59,32 +59,26 @@ class CenterSquare(torch.nn.Module):
         return v2.functional.crop(img, (height - side) // 2, (width - side) // 2, side, side)
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer, which finishes its step and checkpoints.
+def obey_only_parent_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which finishes its step and checkpoints; only
+    their parent (the DataLoader shutting them down, multiprocessing at exit) can still stop them.
 
     A scheduler that signals the whole process group (SLURM's scancel) would otherwise kill the
-    workers first, and the DataLoader would abort the very step that should end with a save.
-    Because of this, multiprocessing's exit-time terminate() cannot stop them either:
-    `shut_down_workers_at_exit` does it first.
+    workers first, and the DataLoader would abort the very step that should end with a save. Plain
+    SIG_IGN is not enough: the parent's terminate() at interpreter exit would then wait forever.
+    The signals are blocked and read by a thread that knows who sent them.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    stop_signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # threads started later inherit the mask
+    parent = os.getppid()
 
+    def watch() -> None:
+        while True:
+            info = signal.sigwaitinfo(stop_signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
 
-LIVE_DATALOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
-
-
-@atexit.register  # registered after torch's own exit hooks, so it runs before them
-def shut_down_workers_at_exit() -> None:
-    """Stop persistent workers still alive at interpreter exit through the DataLoader's own shutdown.
-
-    Without it, multiprocessing's exit hook would SIGTERM the workers (ignored, see above) and then
-    wait for them forever.
-    """
-    for dataloader in list(LIVE_DATALOADERS):
-        iterator = dataloader._iterator
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+    threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
 
 
 class ManifestDataset(Dataset):
@@ -149,9 +143,8 @@ class TorchLoader(BaseLoader):
             num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.workers > 0,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=obey_only_parent_stop_signals,
         )
-        LIVE_DATALOADERS.add(self.dataloader)
 
     def __len__(self) -> int:
         return len(self.sampler)
