@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -106,16 +107,23 @@ class MaskStage:
             device=cfg.device,
             bank_path=cfg.mask_bank,
         )
+        self.seconds = 0.0  # host time spent in the stage (on a GPU, CuPy kernels run asynchronously)
 
     def raw(self, batch_size: int):
         """Bool (B, G*G) mask as the generator's array type (numpy on CPU, CuPy on CUDA)."""
-        return self.generator(batch_size)
+        start = time.perf_counter()
+        mask = self.generator(batch_size)
+        self.seconds += time.perf_counter() - start
+        return mask
 
     def __call__(self, batch_size: int) -> torch.Tensor:
         """Bool (B, G*G) mask as a torch tensor on the loader's device."""
         from noise import mask_to_torch
 
-        return mask_to_torch(self.generator(batch_size), self.device)
+        start = time.perf_counter()
+        mask = mask_to_torch(self.generator(batch_size), self.device)
+        self.seconds += time.perf_counter() - start
+        return mask
 
 
 class BaseLoader:

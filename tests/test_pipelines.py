@@ -246,3 +246,15 @@ def test_process_exits_with_torch_workers_still_alive(folder):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "one batch" in done.stdout
+
+
+def test_mask_stage_times_itself(folder):
+    """bench/loaders.py reports the stage's share of the epoch from this timer."""
+    import time
+
+    loader = build_loader(_config(folder, "torch", train=True))
+    start = time.perf_counter()
+    batches = sum(1 for _ in loader)
+    elapsed = time.perf_counter() - start
+    assert batches == len(loader) > 0
+    assert 0 < loader.masks.seconds < elapsed
