@@ -263,22 +263,23 @@ class Trainer:
         """Train to the last epoch (or until a stop signal); returns the unwrapped model."""
         cfg, t, spe = self.cfg, self.cfg.train, self.steps_per_epoch
         start_epoch = self.step // spe
-        if self.rank == 0:
-            self.tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": self.micro_batch,
-                                     "world_size": self.world, "steps_per_epoch": spe})
-            if self.step == 0:
-                self.log_mask_figure()
-            log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d ranks), "
-                     "lr %.2e, %s on %s", self.run_dir, t.epochs, spe, t.batch_size, self.micro_batch,
-                     t.accum_steps, self.world, cfg.lr, self.dtype or "fp32", self.device)
         show_bar = self.rank == 0 and sys.stderr.isatty()
         bar = tqdm(total=t.epochs * spe, initial=self.step, unit="step", disable=not show_bar)
         window: list[tuple[float, float, float]] = []  # (loss, step seconds, data-wait seconds)
-        status = "FAILED"
+        status = "FAILED"  # what the MLflow run ends as, unless the loop below completes or is stopped
         # Preemption (SIGTERM, SIGUSR1): finish the current step, save, return (exit code 0).
         previous = {sig: signal.signal(sig, lambda signum, frame: self.stop_signals.append(signum))
                     for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
+            if self.rank == 0:
+                self.tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": self.micro_batch,
+                                         "world_size": self.world, "steps_per_epoch": spe})
+                if self.step == 0:
+                    self.log_mask_figure()
+                log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d "
+                         "ranks), lr %.2e, %s on %s", self.run_dir, t.epochs, spe, t.batch_size,
+                         self.micro_batch, t.accum_steps, self.world, cfg.lr, self.dtype or "fp32",
+                         self.device)
             for epoch in range(start_epoch, t.epochs):
                 self.loader.set_epoch(epoch)  # keeps a pending mid-epoch resume point of this epoch
                 batches = iter(self.loader)

@@ -193,6 +193,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, runs, monk
     assert mlflow_run(runs, runs / "nan")[1].info.status == "FAILED"
 
 
+def test_failure_before_the_first_step_ends_the_mlflow_run_as_failed(images, runs, monkeypatch):
+    def figure_fails(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.Trainer, "log_mask_figure", figure_fails)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(args(images, runs, "train.epochs=1", "log.run_name=early"))
+    client = MlflowClient(tracking.default_tracking_uri(runs))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [run] = client.search_runs(experiments, filter_string="attributes.run_name = 'early'")
+    assert run.info.status == "FAILED"
+
+
 def test_config_error_exits_before_any_compute(images, tmp_path):
     with pytest.raises(SystemExit, match=r"mask\.ratio 1\.5 must lie strictly between 0 and 1"):
         train.main(args(images, tmp_path, "mask.ratio=1.5"))
