@@ -360,7 +360,7 @@ class Trainer:
         figure = self.run_dir / "masks.png"
         colours = sorted({colour for _, colour in parse_schedule(self.cfg.mask.schedule)})
         grid = self.cfg.data.img_size // self.model.patch_size
-        render(figure, colours, grid=grid, ratio=self.cfg.mask.ratio)
+        render(figure, colours, grid=grid, ratio=self.cfg.mask.ratio, bank_path=self.cfg.mask.bank)
         self.tracker.log_artifact(figure, "figures")
 
 

@@ -108,6 +108,11 @@ class MaskGenerator:
         with self._on_device():
             return self.xp.asarray(textures)
 
+    def textures(self, colour: str) -> np.ndarray:
+        """The colour's texture bank (L, M, N) as a host numpy array (a copy when it lives on a GPU)."""
+        bank = self._banks[colour]
+        return bank if isinstance(bank, np.ndarray) else bank.get()
+
     def _on_device(self):
         """Context that makes CuPy allocate on this generator's GPU (no-op on the CPU)."""
         if self.xp is np:

@@ -11,7 +11,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from noise.bank import pattern_bank
 from noise.masks import MASK_TYPES, MaskGenerator
 from noise.textures import COLOURS, check_colour, radial_power_spectrum
 
@@ -26,10 +25,12 @@ def render(
     *,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    bank_path: str | Path | None = None,
 ) -> Path:
-    """Draw the gallery for ``colours`` (default banks) into the PNG ``path`` and return the path.
+    """Draw the gallery for ``colours`` into the PNG ``path`` and return the path.
 
-    ``"random"`` is accepted too: its row shows masks only (it has no texture).
+    The textures are the default banks, or the authors' files at ``bank_path`` (as MaskGenerator
+    reads it). ``"random"`` is accepted too: its row shows masks only (it has no texture).
     """
     for colour in colours:
         check_colour(colour, MASK_TYPES)
@@ -39,7 +40,8 @@ def render(
     figure.suptitle(f"ColorMAE masks (white = visible patch), seed {seed}", fontsize=10)
     axes = figure.subplots(len(colours), columns, squeeze=False)
     for row, colour in zip(axes, colours, strict=True):
-        masks = MaskGenerator(colour, grid, ratio, seed=seed, cache_dir=cache_dir)(MASKS_PER_COLOUR)
+        generator = MaskGenerator(colour, grid, ratio, seed=seed, cache_dir=cache_dir, bank_path=bank_path)
+        masks = generator(MASKS_PER_COLOUR)
         for axis, mask in zip(row[1:-1], masks, strict=True):
             axis.imshow(~mask.reshape(grid, grid), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axis.set_title(f"mask {grid}x{grid}, {ratio:.0%} hidden", fontsize=8)
@@ -51,7 +53,7 @@ def render(
             row[-1].axis("off")
             row[0].text(0.5, 0.5, "uniform random\n(no texture)", ha="center", va="center", fontsize=9)
         else:
-            draw_bank(row[0], row[-1], pattern_bank(colour, cache_dir=cache_dir))
+            draw_bank(row[0], row[-1], generator.textures(colour))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -80,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--cache-dir", default=None, help="pattern bank cache (default: noise.default_cache_dir())"
     )
+    parser.add_argument("--bank", default=None, help="authors' pattern npz ('{colour}' is replaced)")
     args = parser.parse_args(argv)
     try:
-        path = render(args.out, args.colours, args.grid, args.ratio, seed=args.seed, cache_dir=args.cache_dir)
+        path = render(args.out, args.colours, args.grid, args.ratio, seed=args.seed, cache_dir=args.cache_dir,
+                      bank_path=args.bank)
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote {path}")

@@ -340,3 +340,18 @@ def test_show_renders_a_png(tmp_path, cache_dir):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown mask colour"):
         show.render(tmp_path / "x.png", ["orange"])
+
+
+def test_show_draws_the_banks_the_run_uses(tmp_path, cache_dir, monkeypatch):
+    """With the authors' files (mask.bank), the gallery shows their textures, not the default bank."""
+    from noise import show
+
+    textures = np.random.default_rng(1).random((3, 16, 16), dtype=np.float32)
+    np.savez(tmp_path / "blue_patterns.npz", textures)
+    drawn = []
+    monkeypatch.setattr(show, "draw_bank", lambda texture_axis, spectrum_axis, bank: drawn.append(bank))
+    show.render(tmp_path / "masks.png", ["blue"], grid=7, cache_dir=cache_dir,
+                bank_path=tmp_path / "{colour}_patterns.npz")
+    assert drawn[0].shape == textures.shape
+    for shown, original in zip(drawn[0], textures, strict=True):  # rank-normalised: same ordering
+        np.testing.assert_array_equal(np.argsort(shown.ravel()), np.argsort(original.ravel()))
