@@ -39,7 +39,7 @@ from .base import (
     normalize,
     shard,
 )
-from .manifest import Manifest, scan
+from .manifest import Manifest, exclusive, scan
 
 log = logging.getLogger(__name__)
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -124,7 +124,9 @@ class FFCVLoader(BaseLoader):
         if not path.exists():
             if manifest is None:
                 raise FileNotFoundError(f"ffcv_path {path} does not exist and `data` is not set to write it")
-            write_in_subprocess(manifest.root, path, cfg.workers)
+            with exclusive(path.with_name(path.name + ".lock")):  # one writer among concurrent ranks
+                if not path.exists():
+                    write_in_subprocess(manifest.root, path, cfg.workers)
         super().__init__(cfg, manifest)
         meta = json.loads(Path(f"{path}.json").read_text()) if Path(f"{path}.json").exists() else {}
         self.classes = self.classes or meta.get("classes", [])

@@ -5,14 +5,19 @@ RGBA, ... image re-saved as an RGB PNG in the cache folder, so every backend's d
 or *skipped* (zero-byte, truncated, not an image, unsupported mode). The result is cached as a
 small TSV next to the data (``<root>/.colormae/``) or, when the data folder is read-only, under
 ``$XDG_CACHE_HOME/colormae/``; later scans only re-check files whose size or mtime changed.
+Concurrent scans of one folder (the ranks of a torchrun job) take turns on a lock file in the
+cache folder: the first validates, the others find its result cached.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +116,18 @@ def _check(path: Path, converted: Path) -> tuple[str, str]:
         return "bad", f"corrupt or truncated ({err})"
 
 
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (created if needed): one process at a time, even across
+    the ranks of a job on one machine (and across machines on file systems that support flock)."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _read_cache(path: Path) -> dict[str, tuple[str, str, str, str]]:
     if not path.exists():
         return {}
@@ -130,14 +147,9 @@ def _write_cache(path: Path, entries: dict[str, tuple[str, str, str, str]]) -> N
     os.replace(tmp, path)  # atomic: concurrent ranks never see half a file
 
 
-def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
-    """Validate every image under `root` (cached), log and return the skipped ones.
-
-    Raises FileNotFoundError with the expected layout when `root` is missing or holds no images.
-    """
-    root = Path(root).expanduser().resolve()
-    classes, items = _list_files(root)
-    cache = cache_dir_for(root)
+def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: int | None
+              ) -> dict[str, tuple[str, str, str, str]]:
+    """(size, mtime, status, detail) per file: cached entries still valid, the rest decoded now."""
     old = _read_cache(cache / _MANIFEST_FILE)
     entries: dict[str, tuple[str, str, str, str]] = {}
     todo = []
@@ -155,6 +167,19 @@ def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
             for (rel, size, mtime), (status, detail) in zip(todo, results, strict=True):
                 entries[rel] = (size, mtime, status, detail)
         _write_cache(cache / _MANIFEST_FILE, entries)
+    return entries
+
+
+def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
+    """Validate every image under `root` (cached), log and return the skipped ones.
+
+    Raises FileNotFoundError with the expected layout when `root` is missing or holds no images.
+    """
+    root = Path(root).expanduser().resolve()
+    classes, items = _list_files(root)
+    cache = cache_dir_for(root)
+    with exclusive(cache / "manifest.lock"):
+        entries = _validate(root, items, cache, workers)
 
     manifest = Manifest(root=root, classes=classes, cache_dir=cache)
     for rel, label in items:

@@ -258,3 +258,31 @@ def test_mask_stage_times_itself(folder):
     elapsed = time.perf_counter() - start
     assert batches == len(loader) > 0
     assert 0 < loader.masks.seconds < elapsed
+
+
+def test_concurrent_scans_validate_each_file_once(tmp_path, monkeypatch):
+    """torchrun ranks scan the same folder at once: one decodes every file, the others read its cache."""
+    import threading
+
+    from pipelines import manifest as manifest_module
+
+    for i, photo in enumerate(_photos()[:2] * 6):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        photo.save(tmp_path / f"c{i % 2}" / f"{i}.jpg")
+    checked, real_check = [], manifest_module._check
+
+    def slow_check(path, converted):
+        checked.append(path)
+        threading.Event().wait(0.02)  # long enough for the scans to overlap without the lock
+        return real_check(path, converted)
+
+    monkeypatch.setattr(manifest_module, "_check", slow_check)
+    results = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, scan(tmp_path, workers=1)))
+               for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(checked) == 12 and len(set(checked)) == 12
+    assert all(len(result) == 12 and result.files == results[0].files for result in results)
