@@ -191,7 +191,7 @@ while true; do sleep 0.1; done
 """
 FAKE_SCONTROL = """#!/bin/bash
 case "$1" in
-  show) printf 'node007\\nnode008\\n' ;;
+  show) printf 'node007\\nnode008\\n'; seq -f 'node%04g' 9 3000 ;;  # a big job's long list
   requeue) echo "$2" > "$RECORD/requeued" ;;
 esac
 """
