@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -62,10 +63,8 @@ def cache_dir_for(root: Path) -> Path:
     local = root / CACHE_NAME
     try:
         local.mkdir(exist_ok=True)
-        probe = local / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-        return local
+        with tempfile.TemporaryFile(dir=local):  # a uniquely named probe: concurrent callers cannot clash
+            return local
     except OSError:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colormae"
         fallback = base / hashlib.sha1(str(root).encode()).hexdigest()[:16]
