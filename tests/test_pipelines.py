@@ -233,11 +233,12 @@ def test_torch_workers_leave_stop_signals_to_the_trainer(folder):
 
 
 def test_process_exits_with_torch_workers_still_alive(folder):
-    """Workers ignore SIGTERM, so the exit hook must stop them or the interpreter waits forever."""
+    """Workers ignore others' SIGTERM; the parent's exit-time terminate() must still stop them, or the
+    interpreter waits for them forever (CI once hung for 90 minutes on this)."""
     import subprocess
     import sys
 
-    script = ("import sys; from pipelines import LoaderConfig, build_loader; "
+    script = ("from pipelines import LoaderConfig, build_loader; "
               f"batches = iter(build_loader(LoaderConfig(data={str(folder)!r}, img_size={SIZE}, "
               f"patch_size={PATCH}, batch_size={BATCH}, workers=2, train=True))); "
               "next(batches); print('one batch', flush=True)")
