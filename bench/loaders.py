@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,31 +56,30 @@ def epoch_rate(loader, epoch: int) -> tuple[float, float]:
     return images / seconds, mask_seconds / seconds
 
 
+def threaded_rate(work: Callable[[str], object], files: list[str], workers: int) -> float:
+    """Images/s of `work(path)` over `files` in a pool of threads (Pillow and torch release the GIL)."""
+    with ThreadPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        list(pool.map(work, files))
+        return len(files) / (time.perf_counter() - start)
+
+
 def pil_decode_rate(files: list[str], workers: int) -> float:
     def decode(path: str) -> None:
         with Image.open(path) as img:
             img.convert("RGB")
 
-    with ThreadPoolExecutor(workers) as pool:  # Pillow decodes without the GIL
-        start = time.perf_counter()
-        list(pool.map(decode, files))
-        return len(files) / (time.perf_counter() - start)
+    return threaded_rate(decode, files, workers)
 
 
 def transform_rate(files: list[str], workers: int, img_size: int) -> float:
     """torchvision decode + the torch backend's training transform in threads, without a loader."""
     transform = build_transform(img_size, train=True, normalise=True)
-
-    def decode_and_transform(path: str) -> None:
-        transform(decode_image(read_file(path), mode=ImageReadMode.RGB))
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one intra-op thread per worker thread, as in a DataLoader worker
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            start = time.perf_counter()
-            list(pool.map(decode_and_transform, files))
-            return len(files) / (time.perf_counter() - start)
+        return threaded_rate(lambda path: transform(decode_image(read_file(path), mode=ImageReadMode.RGB)),
+                             files, workers)
     finally:
         torch.set_num_threads(threads)
 
