@@ -9,6 +9,7 @@ timings after a warm-up, because the machine may be shared. Targets: every colou
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -63,6 +64,12 @@ def masks_per_second(
     return calls * batch / (time.perf_counter() - start)
 
 
+def batches_of(generator: MaskGenerator) -> Callable[[int], object]:
+    """``draw(batch)`` giving the generator's masks of the next batch index, as a loader asks for them."""
+    indices = itertools.count()
+    return lambda batch: generator(batch, epoch=0, index=next(indices))
+
+
 def bank_seconds() -> dict[str, float]:
     """Seconds to generate each colour's default bank from scratch (no cache)."""
     timings = {}
@@ -94,7 +101,7 @@ def main() -> None:
     num_patches = GRID * GRID
     keep = int(num_patches * (1 - MASK_RATIO))
     methods: dict[str, Callable[[int], object]] = {
-        colour: MaskGenerator(colour, GRID, MASK_RATIO, device=args.device) for colour in COLOURS
+        colour: batches_of(MaskGenerator(colour, GRID, MASK_RATIO, device=args.device)) for colour in COLOURS
     }
     methods["random_torch"] = lambda batch: random_torch(batch, num_patches, keep, args.device)
 

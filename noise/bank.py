@@ -9,11 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
-from noise.textures import DEFAULT_ITERATIONS, DEFAULT_SIGMA, DEFAULT_SIGMAS, check_colour, colour_noise
+from noise.textures import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_SIGMA,
+    DEFAULT_SIGMAS,
+    FILTER,
+    check_colour,
+    colour_noise,
+)
 
 log = logging.getLogger(__name__)
 
-BANK_VERSION = 2  # bump when the generator changes, so stale caches are regenerated
+BANK_VERSION = 3  # bump when the generator changes, so stale caches are regenerated
 DEFAULT_COUNT = 64  # textures per bank
 DEFAULT_SIZE = 64  # M: a 14 x 14 crop has 64 * 64 offsets (wrap-around) x 4 flips per texture
 
@@ -44,6 +51,7 @@ def bank_params(
         "iterations": int(iterations),
         "sigma": float(sigma),
         "sigmas": [float(s) for s in sigmas],
+        "filter": FILTER,
         "version": BANK_VERSION,
     }
 

@@ -1,6 +1,7 @@
 """The mask stage: per-sample crops of colour-noise textures -> boolean masks (True = masked)."""
 
 import contextlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ MASK_TYPES = (*COLOURS, "random")
 def parse_schedule(text: str) -> list[tuple[int, str]]:
     """Parse ``"green"`` or ``"green@0,blue@200,red@250"`` into [(start_epoch, colour), ...].
 
-    A bare colour starts at epoch 0. Start epochs must be distinct, and one must be 0.
+    A bare colour starts at epoch 0. The first item must start at epoch 0 and the start epochs
+    must increase strictly, in the order written.
     """
     schedule = []
     for item in str(text).split(","):
@@ -26,12 +28,11 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
                 f"bad schedule item {item.strip()!r} in {text!r}: expected colour@epoch, epoch >= 0"
             )
         schedule.append((int(start or 0), colour))
-    schedule.sort()
     epochs = [epoch for epoch, _ in schedule]
-    if epochs[0] != 0 or len(set(epochs)) != len(epochs):
+    if epochs[0] != 0 or any(b <= a for a, b in itertools.pairwise(epochs)):
         raise ValueError(
-            f"bad schedule {text!r}: start epochs must be distinct and one must be 0, "
-            "e.g. 'green' or 'green@0,blue@200,red@250,purple@275'"
+            f"bad schedule {text!r}: the first start epoch must be 0 and the start epochs must increase "
+            "strictly, e.g. 'green' or 'green@0,blue@200,red@250,purple@275'"
         )
     return schedule
 
@@ -44,11 +45,16 @@ def colour_at(schedule: list[tuple[int, str]], epoch: int) -> str:
 class MaskGenerator:
     """Draws masks (B, grid*grid), True = masked, with exactly K = int(grid*grid*(1-ratio)) visible.
 
-    Each sample draws its own texture, crop offset (wrap-around), horizontal and vertical flips and,
-    with ``rotate``, a transpose (so all 8 square symmetries); the K highest values of the crop stay
-    visible. ``"random"`` is uniform random masking. Arrays live on ``device``: numpy for "cpu",
-    CuPy for "cuda[:N]". The random stream is a numpy generator seeded by (seed, rank), so a seed
-    gives the same masks on both devices and each distributed rank gets its own stream.
+    Each sample draws its own texture, crop offset, horizontal and vertical flips and, with
+    ``rotate``, a transpose (so all 8 square symmetries); the K highest values of the crop stay
+    visible. Crops of the generated, seamless banks wrap around the texture borders; crops of the
+    authors' files (``bank_path``) stay inside them. ``"random"`` is uniform random masking.
+
+    The masks of batch ``index`` of ``epoch`` are a pure function of (seed, rank, epoch, index):
+    they are drawn from their own numpy generator, seeded by those four values, whatever was drawn
+    before. So any backend, worker count, prefetch depth or resume point gives the same masks, and
+    each distributed rank its own. Arrays live on ``device`` (numpy for "cpu", CuPy for
+    "cuda[:N]"); the draws are made on the host, so both devices give the same masks.
 
     Banks come from ``pattern_bank(colour, cache_dir=cache_dir, **bank_options)``, or with
     ``bank_path`` from the authors' npz ("{colour}" in the path is replaced by the colour; loaded
@@ -83,8 +89,7 @@ class MaskGenerator:
         self.seed, self.rank, self.rotate = int(seed), int(rank), bool(rotate)
         self.device = str(device)
         self.xp = get_xp(self.device)
-        self.epoch = 0
-        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.rank,)))
+        self.wrap = bank_path is None  # generated banks are seamless; the authors' files may not be
         colours = sorted({colour for _, colour in self.schedule} - {"random"})
         self.bank_info: dict[str, dict] = {}  # where each colour's textures came from, for logging
         self._banks = {
@@ -120,41 +125,42 @@ class MaskGenerator:
         index = self.device.partition(":")[2]
         return self.xp.cuda.Device(int(index) if index else None)
 
-    @property
-    def colour(self) -> str:
-        """The mask type in force for the current epoch."""
-        return colour_at(self.schedule, self.epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Move the colour schedule to ``epoch`` (the random stream is not reset)."""
+    def colour(self, epoch: int) -> str:
+        """The mask type in force at ``epoch``."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0; got {epoch}")
-        self.epoch = int(epoch)
+        return colour_at(self.schedule, epoch)
 
-    def __call__(self, batch_size: int):
-        """A fresh boolean mask (batch_size, grid*grid), True = masked, on the generator's device."""
+    def __call__(self, batch_size: int, *, epoch: int, index: int):
+        """The boolean masks (batch_size, grid*grid), True = masked, of batch ``index`` of ``epoch``."""
+        colour = self.colour(epoch)
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0; got {index}")
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.rank, epoch, index)))
         with self._on_device():
-            if self.colour == "random":
-                return self._random_masks(batch_size)
-            return self._colour_masks(self._banks[self.colour], batch_size)
+            if colour == "random":
+                return self._random_masks(rng, batch_size)
+            return self._colour_masks(rng, self._banks[colour], batch_size)
 
-    def _random_masks(self, batch_size: int):
+    def _random_masks(self, rng: np.random.Generator, batch_size: int):
         """Uniform random masking: each row is an independent random permutation of K False entries."""
         row = np.arange(self.num_patches) >= self.num_visible
-        return self.xp.asarray(self._rng.permuted(np.tile(row, (batch_size, 1)), axis=1))
+        return self.xp.asarray(rng.permuted(np.tile(row, (batch_size, 1)), axis=1))
 
-    def _colour_masks(self, bank, batch_size: int):
+    def _colour_masks(self, rng: np.random.Generator, bank, batch_size: int):
         """Per sample: a texture, an offset and flips (and a transpose); the crop's top K stay visible."""
-        xp, rng, grid = self.xp, self._rng, self.grid
+        xp, grid = self.xp, self.grid
         count, height, width = bank.shape
+        # Wrapped crops may start anywhere; in-bounds crops where the whole crop fits.
+        starts = (height, width) if self.wrap else (height - grid + 1, width - grid + 1)
         # Small per-sample draws on the host (same stream on every device), index maths on xp.
         texture = xp.asarray(rng.integers(count, size=batch_size))
-        top = xp.asarray(rng.integers(height, size=batch_size))
-        left = xp.asarray(rng.integers(width, size=batch_size))
-        step = xp.asarray(rng.choice((-1, 1), size=(2, batch_size)))  # -1 reads the crop flipped
+        top = xp.asarray(rng.integers(starts[0], size=batch_size))
+        left = xp.asarray(rng.integers(starts[1], size=batch_size))
+        flip = xp.asarray(rng.integers(2, size=(2, batch_size), dtype=bool))
         cells = xp.arange(grid)
-        rows = (top[:, None] + step[0, :, None] * cells) % height
-        cols = (left[:, None] + step[1, :, None] * cells) % width
+        rows = (top[:, None] + xp.where(flip[0, :, None], grid - 1 - cells, cells)) % height
+        cols = (left[:, None] + xp.where(flip[1, :, None], grid - 1 - cells, cells)) % width
         index = (texture[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
         if self.rotate:
             transpose = xp.asarray(rng.integers(2, size=batch_size, dtype=bool))
@@ -164,15 +170,6 @@ class MaskGenerator:
         kth = self.num_patches - self.num_visible
         threshold = xp.partition(values, kth, axis=1)[:, kth, None]
         return values < threshold
-
-    def state_dict(self) -> dict:
-        """Epoch and random-stream state; ``load_state_dict`` continues the same stream exactly."""
-        return {"epoch": self.epoch, "rng": self._rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned: the next call draws what the saved generator would have."""
-        self.epoch = int(state["epoch"])
-        self._rng.bit_generator.state = state["rng"]
 
 
 def mask_to_torch(mask, device: str | torch.device | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Mask gallery: per colour a texture, four masks and the radial power spectrum, in one PNG.
+"""Mask gallery: per colour a texture, four masks and the radial power spectrum, in one PNG;
+the mask statistics of each colour (``noise.stats``) are printed below.
 
-python -m noise.show --out masks.png [--colours green blue] [--grid 14] [--ratio 0.75]
+python -m noise.show --out masks.png [--colours green blue random] [--grid 14] [--ratio 0.75]
 """
 
 import argparse
@@ -12,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from noise.masks import MASK_TYPES, MaskGenerator
+from noise.stats import DEFAULT_MASKS, colour_statistics, format_table
 from noise.textures import COLOURS, check_colour, radial_power_spectrum
 
 MASKS_PER_COLOUR = 4
@@ -41,7 +43,7 @@ def render(
     axes = figure.subplots(len(colours), columns, squeeze=False)
     for row, colour in zip(axes, colours, strict=True):
         generator = MaskGenerator(colour, grid, ratio, seed=seed, cache_dir=cache_dir, bank_path=bank_path)
-        masks = generator(MASKS_PER_COLOUR)
+        masks = generator(MASKS_PER_COLOUR, epoch=0, index=0)
         for axis, mask in zip(row[1:-1], masks, strict=True):
             axis.imshow(~mask.reshape(grid, grid), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axis.set_title(f"mask {grid}x{grid}, {ratio:.0%} hidden", fontsize=8)
@@ -75,7 +77,7 @@ def draw_bank(texture_axis, spectrum_axis, bank: np.ndarray) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--colours", nargs="+", default=list(COLOURS), help=f"from {', '.join(MASK_TYPES)}")
+    parser.add_argument("--colours", nargs="+", default=list(MASK_TYPES), help=", ".join(MASK_TYPES))
     parser.add_argument("--grid", type=int, default=14, help="patch grid side (image size / patch size)")
     parser.add_argument("--ratio", type=float, default=0.75, help="mask ratio in (0, 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,13 +85,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--cache-dir", default=None, help="pattern bank cache (default: noise.default_cache_dir())"
     )
     parser.add_argument("--bank", default=None, help="authors' pattern npz ('{colour}' is replaced)")
+    parser.add_argument("--masks", type=int, default=DEFAULT_MASKS, help="masks per statistic")
     args = parser.parse_args(argv)
+    options = {"seed": args.seed, "cache_dir": args.cache_dir, "bank_path": args.bank}
     try:
-        path = render(args.out, args.colours, args.grid, args.ratio, seed=args.seed, cache_dir=args.cache_dir,
-                      bank_path=args.bank)
+        path = render(args.out, args.colours, args.grid, args.ratio, **options)
+        statistics = colour_statistics(args.colours, args.grid, args.ratio, count=args.masks, **options)
     except ValueError as err:
         parser.error(str(err))
-    print(f"wrote {path}")
+    print(f"wrote {path}\n\nmask statistics of {args.masks} masks, grid {args.grid}, ratio {args.ratio}:")
+    print(format_table(statistics))
 
 
 if __name__ == "__main__":

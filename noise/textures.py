@@ -5,15 +5,16 @@ The random draws always come from a numpy generator on the host, so a given seed
 same texture on the CPU and on a GPU.
 """
 
-import math
 from types import ModuleType
 
 import numpy as np
+from scipy import ndimage
 
 COLOURS = ("white", "red", "blue", "green", "purple")
 DEFAULT_ITERATIONS = 5
 DEFAULT_SIGMA = 1.0  # red (low-pass) and blue (high-pass), in texture cells
 DEFAULT_SIGMAS = (0.5, 2.0)  # green (band-pass) and purple (band-stop): s1 < s2
+FILTER = "sampled-gaussian-wrap"  # scipy.ndimage.gaussian_filter(mode="wrap") kernel, by FFT
 
 
 def get_xp(device: str = "cpu") -> ModuleType:
@@ -40,16 +41,21 @@ def check_colour(colour: str, allowed: tuple[str, ...] = COLOURS) -> str:
 
 
 def gaussian_response(xp: ModuleType, shape: tuple[int, int], sigma: float):
-    """Frequency response of a toroidal Gaussian blur of std ``sigma`` cells, for ``rfft2`` spectra.
+    """Frequency response, for ``rfft2`` spectra, of a wrap-around blur with a sampled Gaussian kernel.
 
-    Multiplying a DFT by exp(-2 pi^2 sigma^2 f^2) is a circular convolution with a Gaussian, so
-    the blur wraps around the borders (seamless textures) and costs two FFTs whatever sigma is.
-    The response is a product of a row factor and a column factor: the blur is separable.
+    The kernel is scipy's ``gaussian_filter`` kernel (std ``sigma`` cells, radius ``4 sigma``,
+    sampled and normalised), wrapped around the borders; its DFT makes one step cost two FFTs
+    whatever ``sigma`` is, and keeps textures seamless. The blur is separable: the response is a
+    column factor times a row factor, each the DFT of the 1-D kernel's impulse response.
     """
-    fy = xp.fft.fftfreq(shape[0])[:, None]
-    fx = xp.fft.rfftfreq(shape[1])[None, :]
-    scale = -2 * math.pi**2 * sigma**2
-    return xp.exp(scale * fy**2) * xp.exp(scale * fx**2)
+
+    def response(length: int) -> np.ndarray:
+        impulse = np.zeros(length)
+        impulse[0] = 1.0
+        return np.fft.fft(ndimage.gaussian_filter1d(impulse, sigma, mode="wrap")).real
+
+    rows, cols = response(shape[0]), response(shape[1])[: shape[1] // 2 + 1]
+    return xp.asarray(rows[:, None] * cols[None, :])
 
 
 def filter_response(
@@ -71,6 +77,13 @@ def filter_response(
         raise ValueError(f"sigmas must satisfy 0 < s1 < s2; got {sigmas}")
     band = gaussian_response(xp, shape, s1) - gaussian_response(xp, shape, s2)
     return band if colour == "green" else 1 - band
+
+
+def apply_filter(textures, response, xp: ModuleType = np):
+    """Filter textures (..., M, N) with a ``filter_response`` by FFT: float64 (..., M, N)."""
+    size = textures.shape[-2:]
+    spectrum = xp.fft.rfft2(xp.asarray(textures, dtype=xp.float64)) * response
+    return xp.fft.irfft2(spectrum, s=size)
 
 
 def _ranks(flat, tie_order, xp: ModuleType):
@@ -135,8 +148,7 @@ def colour_noise(
     response = filter_response(colour, xp, size, sigma, sigmas)
     if response is not None:
         for _ in range(iterations):
-            spectrum = xp.fft.rfft2(x.reshape(-1, *size).astype(xp.float64)) * response
-            x = _ranks(xp.fft.irfft2(spectrum, s=size).reshape(x.shape), tie_order, xp)
+            x = _ranks(apply_filter(x.reshape(-1, *size), response, xp).reshape(x.shape), tie_order, xp)
     return x.reshape(shape)
 
 

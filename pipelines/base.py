@@ -92,12 +92,17 @@ def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class MaskStage:
-    """The ColorMAE mask stage, shared by all backends: one MaskGenerator call per batch."""
+    """The ColorMAE mask stage, shared by all backends: the masks of batch `index` of `epoch`.
+
+    A pure function of (seed, rank, epoch, index) (see `noise.MaskGenerator`), so no backend keeps
+    or rewinds mask state. A short last batch gets the first rows of a full batch's masks.
+    """
 
     def __init__(self, cfg: LoaderConfig):
         from noise import MaskGenerator
 
         self.device = torch.device(cfg.device)
+        self.batch_size = cfg.batch_size
         self.generator = MaskGenerator(
             cfg.mask,
             grid=cfg.img_size // cfg.patch_size,
@@ -109,26 +114,26 @@ class MaskStage:
         )
         self.seconds = 0.0  # host time spent drawing masks (on a GPU, CuPy kernels run asynchronously)
 
-    def raw(self, batch_size: int):
-        """Bool (B, G*G) mask as the generator's array type (numpy on CPU, CuPy on CUDA)."""
+    def raw(self, epoch: int, index: int, rows: int | None = None):
+        """Bool (rows, G*G) masks as the generator's array type (numpy on CPU, CuPy on CUDA)."""
         start = time.perf_counter()
-        mask = self.generator(batch_size)
+        mask = self.generator(self.batch_size, epoch=epoch, index=index)[:rows]
         self.seconds += time.perf_counter() - start
         return mask
 
-    def __call__(self, batch_size: int) -> torch.Tensor:
-        """Bool (B, G*G) mask as a torch tensor on the loader's device."""
+    def __call__(self, epoch: int, index: int, rows: int) -> torch.Tensor:
+        """Bool (rows, G*G) masks as a torch tensor on the loader's device."""
         from noise import mask_to_torch
 
-        return mask_to_torch(self.raw(batch_size), self.device)  # DLPack: no copy
+        return mask_to_torch(self.raw(epoch, index, rows), self.device)  # DLPack: no copy
 
 
 class BaseLoader:
     """Epoch bookkeeping and exact resume; a backend only implements `_batches(skip)`.
 
-    `state_dict()` records the epoch, the batches consumed in it and the mask generator state;
-    after `load_state_dict()` the next iteration starts at the first unconsumed batch. Calling
-    `set_epoch()` with the restored epoch keeps that pending resume point.
+    `state_dict()` records the epoch and the batches consumed in it; after `load_state_dict()` the
+    next iteration starts at the first unconsumed batch. Calling `set_epoch()` with the restored
+    epoch keeps that pending resume point. Masks need no state: `self.masks(epoch, index, rows)`.
     """
 
     def __init__(self, cfg: LoaderConfig, manifest: Manifest | None):
@@ -157,20 +162,14 @@ class BaseLoader:
             yield {"images": images, "mask": mask, "labels": labels}
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: its shuffle order, augmentation seeds and mask colour."""
+        """Select the epoch: its shuffle order, augmentation seeds and masks."""
         if epoch == self.epoch and self._resume_at:
             return
         self.epoch, self._consumed, self._resume_at = epoch, 0, 0
-        if self.masks:
-            self.masks.generator.set_epoch(epoch)
-
-    def _mask_state(self) -> dict | None:
-        return self.masks.generator.state_dict() if self.masks else None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._consumed, "mask": self._mask_state()}
+        return {"epoch": self.epoch, "batches": self._consumed}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s resume point (a "mask" entry of older checkpoints is not needed)."""
         self.epoch, self._consumed, self._resume_at = state["epoch"], state["batches"], state["batches"]
-        if self.masks and state.get("mask") is not None:
-            self.masks.generator.load_state_dict(state["mask"])

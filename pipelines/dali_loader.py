@@ -3,8 +3,10 @@ pipeline; the mask enters through `fn.external_source`, fed by the shared mask s
 
 The pipeline is built once per epoch over that epoch's file order (the same (seed, epoch)
 permutation as the torch backend), and DALI's reader shards it with shard_id / num_shards.
-Mid-epoch resume fast-forwards: the consumed batches are decoded again and dropped (their masks are
-not drawn), so sample order, DALI's seeded augmentation and the masks continue exactly.
+The masks of a batch depend only on (seed, rank, epoch, batch index), which is DALI's iteration
+number, so DALI's run-ahead needs no bookkeeping. Mid-epoch resume fast-forwards: the consumed
+batches are decoded again and dropped, so sample order, DALI's seeded augmentation and the masks
+continue exactly.
 """
 
 from __future__ import annotations
@@ -63,28 +65,6 @@ def image_pipeline(files, labels, *, shard_id, num_shards, img_size, train, gpu,
     return tuple(outputs)
 
 
-class MaskSource:
-    """`fn.external_source` callback: one MaskGenerator call per pipeline iteration.
-
-    DALI runs ahead of the consumer, so the generator state before each iteration is kept: the
-    loader reports the state matching the consumed batches and rewinds run-ahead draws at epoch end.
-    """
-
-    def __init__(self, loader: DALILoader, skip: int):
-        self.loader, self.skip = loader, skip
-        self.states: dict[int, dict] = {}
-
-    def __call__(self, iteration: int):
-        generator, batch = self.loader.masks.generator, self.loader.cfg.batch_size
-        if iteration < self.skip:  # fast-forwarded batches are dropped: draw nothing
-            return generator.xp.zeros((batch, generator.num_patches), dtype=bool)
-        self.states[iteration] = generator.state_dict()
-        return self.loader.masks.raw(batch)
-
-    def state_at(self, batches: int) -> dict:
-        return self.states.get(batches) or self.loader.masks.generator.state_dict()
-
-
 class DALILoader(BaseLoader):
     """DALI pipeline + DALIGenericIterator; CPU-only with device_id=None when cfg.device is 'cpu'."""
 
@@ -92,7 +72,6 @@ class DALILoader(BaseLoader):
         super().__init__(cfg, manifest)
         self.files, self.labels = manifest.files, manifest.labels
         self.gpu = self.device.type == "cuda"
-        self.mask_source: MaskSource | None = None
 
     def _epoch_files(self) -> tuple[list[str], list[int]]:
         """This epoch's global file order (DALI's reader then takes this rank's shard)."""
@@ -109,10 +88,14 @@ class DALILoader(BaseLoader):
     def _batches(self, skip: int):
         cfg = self.cfg
         files, labels = self._epoch_files()
-        self.mask_source = MaskSource(self, skip) if self.masks else None
+        epoch, masks = self.epoch, self.masks
+
+        def mask_source(index: int):  # DALI passes its iteration number: the batch index in this epoch
+            return masks.raw(epoch, index)
+
         pipe = image_pipeline(
             files, labels, shard_id=cfg.rank, num_shards=cfg.world_size, img_size=cfg.img_size,
-            train=cfg.train, gpu=self.gpu, mask_source=self.mask_source,
+            train=cfg.train, gpu=self.gpu, mask_source=mask_source if masks else None,
             batch_size=cfg.batch_size, num_threads=max(cfg.workers, 1),
             device_id=(self.device.index or 0) if self.gpu else None,
             seed=sample_seed(cfg.seed, self.epoch, cfg.rank) % 2**31,
@@ -120,18 +103,8 @@ class DALILoader(BaseLoader):
         names = ["images", "labels"] + (["mask"] if self.masks else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         iterator = DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=policy)
-        try:
-            for step, (out,) in enumerate(iterator):
-                if step < skip:
-                    continue
-                labels = out["labels"].view(-1).long()
-                yield out["images"], labels, out["mask"].view(len(labels), -1) if self.masks else None
-        finally:  # epoch end or an early break: rewind the mask draws DALI made ahead of the consumer
-            if self.mask_source is not None:
-                self.masks.generator.load_state_dict(self.mask_source.state_at(self._consumed))
-            self.mask_source = None
-
-    def _mask_state(self) -> dict | None:
-        if self.mask_source is not None:
-            return self.mask_source.state_at(self._consumed)
-        return super()._mask_state()
+        for step, (out,) in enumerate(iterator):
+            if step < skip:
+                continue
+            labels = out["labels"].view(-1).long()
+            yield out["images"], labels, out["mask"].view(len(labels), -1) if self.masks else None

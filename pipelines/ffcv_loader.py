@@ -160,10 +160,10 @@ class FFCVLoader(BaseLoader):
 
     def _batches(self, skip: int):
         self.loader.next_epoch = self.epoch
-        for step, (images, labels) in enumerate(self.loader):
-            if step < skip:
+        for index, (images, labels) in enumerate(self.loader):
+            if index < skip:
                 continue
             labels = labels.to(self.device, dtype=torch.int64).view(-1)
             # ffcv refills its batch buffers a few batches later: hand out a tensor of our own
             images = normalize(images, self.device) if self.device.type == "cuda" else images.clone()
-            yield images, labels, self.masks(len(labels)) if self.masks else None
+            yield images, labels, self.masks(self.epoch, index, len(labels)) if self.masks else None

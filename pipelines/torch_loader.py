@@ -151,7 +151,7 @@ class TorchLoader(BaseLoader):
 
     def _batches(self, skip: int):
         self.sampler.skip = skip
-        for images, labels in self.dataloader:
+        for index, (images, labels) in enumerate(self.dataloader, start=skip):
             images = normalize(images, self.device) if self.on_device else images
             labels = labels.to(self.device, non_blocking=True)
-            yield images, labels, self.masks(len(labels)) if self.masks else None
+            yield images, labels, self.masks(self.epoch, index, len(labels)) if self.masks else None

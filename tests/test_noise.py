@@ -1,14 +1,14 @@
 """Tests for noise/: textures, banks, the mask generator and the torch helpers."""
 
-import copy
-import io
 import logging
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage, stats
 
 import noise
+import noise.stats
 from noise import (
     COLOURS,
     MASK_TYPES,
@@ -34,6 +34,10 @@ def make_generator(cache_dir, schedule="green", **kwargs) -> MaskGenerator:
     return MaskGenerator(schedule, cache_dir=cache_dir, **kwargs)
 
 
+def masks_of(generator: MaskGenerator, batch_size: int, epoch: int = 0, index: int = 0) -> np.ndarray:
+    return generator(batch_size, epoch=epoch, index=index)
+
+
 # ---------------------------------------------------------------- masks
 
 
@@ -41,63 +45,60 @@ def make_generator(cache_dir, schedule="green", **kwargs) -> MaskGenerator:
 @pytest.mark.parametrize(("grid", "ratio"), [(14, 0.75), (7, 0.6)])
 def test_exact_visible_count(cache_dir, mask_type, grid, ratio):
     generator = make_generator(cache_dir, mask_type, grid=grid, mask_ratio=ratio, rotate=True)
-    mask = generator(64)
+    mask = masks_of(generator, 64)
     assert mask.shape == (64, grid * grid) and mask.dtype == bool
     assert ((~mask).sum(axis=1) == int(grid * grid * (1 - ratio))).all()
 
 
 @pytest.mark.parametrize("mask_type", MASK_TYPES)
-def test_rows_differ_within_and_across_calls(cache_dir, mask_type):
+def test_rows_differ_within_and_across_batches(cache_dir, mask_type):
     generator = make_generator(cache_dir, mask_type)
-    first, second = generator(32), generator(32)
+    first = masks_of(generator, 32)
     assert len(np.unique(first, axis=0)) >= 30
-    both = np.concatenate([first, second])
-    assert len(np.unique(both, axis=0)) >= 60
+    both = np.concatenate([first, masks_of(generator, 32, index=1), masks_of(generator, 32, epoch=1)])
+    assert len(np.unique(both, axis=0)) >= 90
 
 
-def test_same_seed_same_masks_and_ranks_differ(cache_dir):
-    schedule = "green@0,random@1"
-    a, b = make_generator(cache_dir, schedule, seed=3), make_generator(cache_dir, schedule, seed=3)
-    other_rank = make_generator(cache_dir, schedule, seed=3, rank=1)
-    other_seed = make_generator(cache_dir, schedule, seed=4)
-    for epoch in (0, 1):
-        for generator in (a, b, other_rank, other_seed):
-            generator.set_epoch(epoch)
-        mask = a(16)
-        np.testing.assert_array_equal(mask, b(16))
-        assert not np.array_equal(mask, other_rank(16))
-        assert not np.array_equal(mask, other_seed(16))
+def test_masks_are_a_pure_function_of_seed_rank_epoch_and_index(cache_dir):
+    """Any call order, any earlier draws, a fresh generator: batch (epoch, index) gets the same masks."""
+    schedule = "green@0,random@1,blue@2"
+    keys = [(epoch, index) for epoch in range(3) for index in range(3)]
+    forward = make_generator(cache_dir, schedule, seed=3)
+    expected = {key: masks_of(forward, 16, *key) for key in keys}
+    backward = make_generator(cache_dir, schedule, seed=3)
+    for key in reversed(keys):
+        masks_of(backward, 5, 2, 7)  # a draw in between changes nothing
+        np.testing.assert_array_equal(masks_of(backward, 16, *key), expected[key])
+    assert len({expected[key].tobytes() for key in keys}) == len(keys)
+    for options in ({"seed": 3, "rank": 1}, {"seed": 4}):
+        other = make_generator(cache_dir, schedule, **options)
+        assert not any(np.array_equal(masks_of(other, 16, *key), expected[key]) for key in keys)
+    # the schedule decides the colour of each epoch: epoch 2 draws blue masks, not green ones
+    blue = make_generator(cache_dir, "blue", seed=3)
+    np.testing.assert_array_equal(masks_of(blue, 16, 2, 1), expected[2, 1])
 
 
-def test_state_dict_continues_the_stream(cache_dir):
-    generator = make_generator(cache_dir, "green@0,random@2")
-    generator(8)
-    generator.set_epoch(2)
-    state = copy.deepcopy(generator.state_dict())
-    expected = [generator(8) for _ in range(3)]
-
-    buffer = io.BytesIO()
-    torch.save({"mask": state}, buffer)
-    buffer.seek(0)
-    restored = make_generator(cache_dir, "green@0,random@2")
-    restored.load_state_dict(torch.load(buffer, weights_only=True)["mask"])
-    assert restored.colour == "random"
-    for mask in expected:
-        np.testing.assert_array_equal(restored(8), mask)
-
-
-def test_each_mask_is_the_top_k_of_a_transformed_wraparound_crop(tmp_path):
-    """Brute force: every mask must match one of all crops x flips x transposes of the bank."""
+@pytest.mark.parametrize("source", ["generated", "file"])
+def test_each_mask_is_the_top_k_of_a_transformed_crop(tmp_path, source):
+    """Brute force: every mask must match one of all crops x flips x transposes of the bank; crops
+    wrap around the borders of generated (seamless) textures and stay inside the authors' files."""
     grid, ratio, size = 4, 0.5, 6
-    textures = np.random.default_rng(0).permutation(2 * size * size).reshape(2, size, size)
-    np.savez(tmp_path / "bank.npz", textures)
-    generator = MaskGenerator("blue", grid, ratio, bank_path=tmp_path / "bank.npz", rotate=True)
+    if source == "file":
+        textures = np.random.default_rng(0).permutation(2 * size * size).reshape(2, size, size)
+        np.savez(tmp_path / "bank.npz", textures)
+        generator = MaskGenerator("blue", grid, ratio, bank_path=tmp_path / "bank.npz", rotate=True)
+        offsets = range(size - grid + 1)
+    else:
+        options = {"count": 2, "size": size}
+        generator = MaskGenerator("blue", grid, ratio, cache_dir=tmp_path, bank_options=options, rotate=True)
+        offsets = range(size)
+    textures = generator.textures("blue")
 
     cells = np.arange(grid)
     candidates = []
     for texture in textures:
-        for top in range(size):
-            for left in range(size):
+        for top in offsets:
+            for left in offsets:
                 crop = texture[np.ix_((top + cells) % size, (left + cells) % size)]
                 for flipped in (crop, crop[::-1], crop[:, ::-1], crop[::-1, ::-1]):
                     candidates += [flipped, flipped.T]
@@ -106,34 +107,34 @@ def test_each_mask_is_the_top_k_of_a_transformed_wraparound_crop(tmp_path):
     threshold = np.sort(candidates, axis=1)[:, -keep, None]
     candidate_masks = {row.tobytes() for row in candidates < threshold}
 
-    masks = generator(1000)
+    masks = masks_of(generator, 1000)
     assert all(row.tobytes() in candidate_masks for row in masks)
-    # ~470 of the 576 crops expected; sharing offsets or flips across the batch would give <= 144.
-    assert len({row.tobytes() for row in masks}) > 300
+    # Most distinct crops show up; sharing offsets or flips across the batch would give far fewer.
+    assert len({row.tobytes() for row in masks}) > 0.6 * len(candidate_masks)
 
 
 # ---------------------------------------------------------------- schedules
 
 
 def test_parse_schedule_and_colour_at(cache_dir):
-    schedule = parse_schedule("red@250, green@0,blue@200,purple@275")
+    schedule = parse_schedule("green@0, blue@200,red@250,purple@275")
     assert schedule == [(0, "green"), (200, "blue"), (250, "red"), (275, "purple")]
     colours = [colour_at(schedule, epoch) for epoch in (0, 199, 200, 260, 999)]
     assert colours == ["green", "green", "blue", "red", "purple"]
     assert parse_schedule("random") == [(0, "random")]
 
     generator = make_generator(cache_dir, "green@0,white@5")
-    assert generator.colour == "green"
-    generator.set_epoch(5)
-    assert generator.colour == "white"
+    assert [generator.colour(epoch) for epoch in (0, 4, 5, 9)] == ["green", "green", "white", "white"]
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("orange", "unknown mask colour 'orange'; allowed: white, red"),
-        ("green@10", "one must be 0"),
-        ("green@0,blue@0", "distinct"),
+        ("green@10", "first start epoch must be 0"),
+        ("green@0,blue@0", "must increase strictly"),
+        ("green@0,red@5,blue@2", "must increase strictly"),
+        ("blue@2,green@0", "first start epoch must be 0"),
         ("green@x", "expected colour@epoch"),
         ("green@-1", "expected colour@epoch"),
         ("", "unknown mask colour ''"),
@@ -161,9 +162,49 @@ def test_spectral_shapes():
     assert blue["high"] > 5 * blue["middle"] > 5 * blue["low"]
     green, purple = band_means("green"), band_means("purple")
     assert green["middle"] > 5 * max(green["low"], green["high"])
-    assert purple["middle"] < 0.2 * min(purple["low"], purple["high"])
+    # band-stop: a notch in the middle (the sampled kernel passes less at Nyquist than exp(-2 pi^2 s^2 f^2))
+    assert purple["middle"] < 0.5 * min(purple["low"], purple["high"])
     white = band_means("white")
     assert all(abs(share - 1) < 0.1 for share in white.values()), white  # flat within 10%
+
+
+def scipy_step(colour: str, x, ndi=ndimage):
+    """One filter step of the recipe, written with scipy's (or cupyx's) Gaussian filter on a torus."""
+    def blur(sigma):
+        return ndi.gaussian_filter(x, (0, sigma, sigma), mode="wrap")
+
+    if colour == "white":
+        return x
+    if colour in ("red", "blue"):
+        return blur(1.0) if colour == "red" else x - blur(1.0)
+    band = blur(0.5) - blur(2.0)
+    return band if colour == "green" else x - band
+
+
+def rank_rows(x: np.ndarray) -> np.ndarray:
+    """Each texture's values replaced by rank / (N - 1) (the textures here have no ties)."""
+    flat = x.reshape(len(x), -1)
+    return ((stats.rankdata(flat, axis=1, method="ordinal") - 1) / (flat.shape[1] - 1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_filter_step_is_scipys_wraparound_gaussian(sigma):
+    x = np.random.default_rng(0).random((3, 24, 30))
+    response = noise.textures.filter_response("red", np, (24, 30), sigma=sigma)
+    expected = ndimage.gaussian_filter(x, (0, sigma, sigma), mode="wrap")
+    np.testing.assert_allclose(noise.textures.apply_filter(x, response), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("colour", COLOURS)
+def test_two_step_texture_follows_the_recipe_step_by_step(colour):
+    """White noise, ranked; then filter, rank-normalise, filter, rank-normalise (the same white noise:
+    colour_noise draws it first from its seed)."""
+    shape = (4, 32, 40)
+    expected = rank_rows(np.random.default_rng(3).random(shape))
+    for _ in range(2):
+        expected = rank_rows(scipy_step(colour, expected))
+    textures = colour_noise(colour, shape, seed=3, iterations=2)
+    assert np.mean(textures != expected.astype(np.float32)) < 0.002  # FFT rounding may swap a rank
 
 
 @pytest.mark.parametrize("colour", COLOURS)
@@ -187,6 +228,60 @@ def test_colour_noise_is_deterministic_and_parameters_matter():
     np.testing.assert_array_equal(a, colour_noise("green", (2, 32, 32), seed=5))
     assert not np.array_equal(a, colour_noise("green", (2, 32, 32), seed=6))
     assert not np.array_equal(a, colour_noise("green", (2, 32, 32), seed=5, sigmas=(0.5, 3.0)))
+
+
+# ---------------------------------------------------------------- mask statistics
+
+
+def test_statistics_of_hand_made_masks():
+    checkerboard = (np.indices((4, 4)).sum(axis=0) % 2).astype(bool).reshape(1, 16)
+    halves = (np.indices((4, 4))[1] >= 2).reshape(1, 16)  # two visible columns, two hidden
+    values = noise.stats.per_mask_statistics(np.concatenate([checkerboard, halves]), 4)
+    np.testing.assert_allclose(values["neighbour_agreement"], [0.0, 20 / 24])
+    np.testing.assert_allclose(values["visible_region"], [1.0, 8.0])
+    np.testing.assert_allclose([values[band] for band in ("low", "mid", "high")], [[0, 0], [0, 1], [1, 0]],
+                               atol=1e-12)  # checkerboard: (0.5, 0.5); halves: 0.25 cycles per patch
+
+
+@pytest.fixture(scope="module")
+def mask_statistics(cache_dir) -> dict[str, dict[str, np.ndarray]]:
+    """Per-mask statistics of 2,000 masks per mask type (grid 14, ratio 0.75), as a run draws them."""
+    statistics = {}
+    for mask_type in MASK_TYPES:
+        masks = np.concatenate([masks_of(make_generator(cache_dir, mask_type), 500, 0, i) for i in range(4)])
+        statistics[mask_type] = noise.stats.per_mask_statistics(masks, 14)
+    return statistics
+
+
+def test_mask_statistics_show_the_colours(mask_statistics):
+    """Red clumps most, blue spreads most (below white), green in between; purple keeps blobs
+    (more low-frequency power than white) and specks (more high-frequency power than green)."""
+    mean = {colour: {name: values.mean() for name, values in stats_.items()}
+            for colour, stats_ in mask_statistics.items()}
+    for name in ("neighbour_agreement", "visible_region"):
+        assert mean["red"][name] > mean["green"][name] > mean["white"][name] > mean["blue"][name], name
+    assert mean["purple"]["low"] > 2 * mean["white"]["low"]
+    assert mean["purple"]["high"] > mean["green"]["high"] > mean["red"]["high"]
+    assert mean["purple"]["visible_region"] > mean["white"]["visible_region"] > mean["blue"]["visible_region"]
+
+
+def test_white_masks_are_random_masks_within_sampling_error(mask_statistics):
+    white, random = mask_statistics["white"], mask_statistics["random"]
+    for name in noise.stats.STATISTICS:
+        error = np.hypot(white[name].std(), random[name].std()) / np.sqrt(len(white[name]))
+        assert abs(white[name].mean() - random[name].mean()) < 4 * error, name
+
+
+def test_show_prints_the_statistics_of_each_mask_type(tmp_path, cache_dir, capsys):
+    from noise import show
+
+    show.main(["--out", str(tmp_path / "masks.png"), "--colours", "red", "random", "--grid", "7",
+               "--masks", "50", "--cache-dir", str(cache_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].split() == ["mask", *noise.stats.STATISTICS]
+    expected = noise.stats.colour_statistics(["red", "random"], 7, count=50, cache_dir=cache_dir)
+    for line, (mask_type, values) in zip(lines[-2:], expected.items(), strict=True):
+        assert line.split() == [mask_type, *(f"{values[name]:.3f}" for name in noise.stats.STATISTICS)]
 
 
 # ---------------------------------------------------------------- banks
@@ -231,7 +326,7 @@ def test_authors_npz_layout_loads(tmp_path):
     np.testing.assert_array_equal(loaded, textures)
 
     generator = MaskGenerator("green", 14, bank_path=tmp_path / "{colour}_patterns.npz")
-    assert ((~generator(128)).sum(axis=1) == 49).all()  # ties in the file still give exactly K
+    assert ((~masks_of(generator, 128)).sum(axis=1) == 49).all()  # ties in the file still give exactly K
 
 
 @pytest.mark.parametrize(
@@ -275,18 +370,20 @@ def test_bank_options_are_used_and_reported(tmp_path):
     options = {"count": 4, "size": 16, "sigma": 2.0}
     generator = MaskGenerator("red", 7, cache_dir=tmp_path, bank_options=options)
     assert generator.bank_info["red"] == noise.bank_params("red", **options)
-    assert ((~generator(8)).sum(axis=1) == 12).all()
+    assert ((~masks_of(generator, 8)).sum(axis=1) == 12).all()
     with pytest.raises(ValueError, match=r"grid 20 is larger than the red textures \(16, 16\)"):
         MaskGenerator("red", 20, cache_dir=tmp_path, bank_options=options)
     with pytest.raises(ValueError, match="epoch must be >= 0"):
-        generator.set_epoch(-1)
+        masks_of(generator, 8, epoch=-1)
+    with pytest.raises(ValueError, match="batch index must be >= 0"):
+        masks_of(generator, 8, index=-1)
 
 
 # ---------------------------------------------------------------- torch helpers
 
 
 def test_mask_to_torch_shares_numpy_memory(cache_dir):
-    mask = make_generator(cache_dir)(4)
+    mask = masks_of(make_generator(cache_dir), 4)
     tensor = mask_to_torch(mask)
     assert tensor.dtype == torch.bool and tuple(tensor.shape) == mask.shape
     mask[0, 0] = not mask[0, 0]
@@ -294,7 +391,7 @@ def test_mask_to_torch_shares_numpy_memory(cache_dir):
 
 
 def test_mask_to_ids_matches_the_mask(cache_dir):
-    mask = mask_to_torch(make_generator(cache_dir)(16))
+    mask = mask_to_torch(masks_of(make_generator(cache_dir), 16))
     ids_keep, ids_restore = mask_to_ids(mask)
     assert ids_keep.shape == (16, 49) and ids_restore.shape == (16, 196)
     assert ids_keep.dtype == ids_restore.dtype == torch.int64
@@ -326,11 +423,33 @@ def test_cupy_path_matches_numpy(cache_dir):
     for schedule in ("green", "random"):
         cpu = make_generator(cache_dir, schedule, rotate=True)
         gpu = make_generator(cache_dir, schedule, rotate=True, device="cuda:0")
-        mask = gpu(64)
+        mask = masks_of(gpu, 64, 1, 2)
         assert isinstance(mask, cupy.ndarray)
-        np.testing.assert_array_equal(mask.get(), cpu(64))
+        np.testing.assert_array_equal(mask.get(), masks_of(cpu, 64, 1, 2))
         tensor = mask_to_torch(mask)
         assert tensor.is_cuda and torch.equal(tensor.cpu(), torch.from_numpy(mask.get()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("colour", COLOURS)
+def test_cupy_filter_step_and_recipe_match_cupyx(colour):
+    """The GPU twin of the scipy checks: one filter step, then the two-step recipe, on CuPy."""
+    cupy = pytest.importorskip("cupy")
+    from cupyx.scipy import ndimage as cupy_ndimage
+
+    x = cupy.asarray(np.random.default_rng(0).random((3, 24, 30)))
+    for sigma in (0.5, 1.0, 2.0):
+        response = noise.textures.filter_response("red", cupy, (24, 30), sigma=sigma)
+        expected = cupy_ndimage.gaussian_filter(x, (0, sigma, sigma), mode="wrap")
+        filtered = noise.textures.apply_filter(x, response, cupy)
+        np.testing.assert_allclose(filtered.get(), expected.get(), rtol=0, atol=1e-5)
+
+    shape = (4, 32, 40)
+    expected = rank_rows(np.random.default_rng(3).random(shape))
+    for _ in range(2):
+        expected = rank_rows(scipy_step(colour, cupy.asarray(expected), cupy_ndimage).get())
+    textures = colour_noise(colour, shape, seed=3, iterations=2, xp=cupy)
+    assert np.mean(textures.get() != expected.astype(np.float32)) < 0.002
 
 
 def test_show_renders_a_png(tmp_path, cache_dir):

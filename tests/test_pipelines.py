@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from noise import MaskGenerator
 from pipelines import LoaderConfig, build_loader, scan
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
 
@@ -172,8 +173,7 @@ def test_mid_epoch_resume_gives_identical_batches(folder, backend):
     resumed.set_epoch(3)  # the trainer's call for the resumed epoch keeps the resume point
     again = list(resumed)
     assert len(again) == len(rest) == len(first) - 2
-    # A checkpoint at the epoch's end continues into the next epoch exactly (DALI's run-ahead
-    # mask draws are rewound).
+    # A checkpoint at the epoch's end continues into the next epoch exactly.
     at_end = build_loader(cfg)
     at_end.load_state_dict(first.state_dict())
     for loader in (first, at_end):
@@ -185,6 +185,37 @@ def test_mid_epoch_resume_gives_identical_batches(folder, backend):
             assert torch.equal(a[key], b[key]), key
 
 
+MASK_SCHEDULE = "green@0,blue@1,random@2"  # a new colour every epoch
+
+
+def check_masks_by_batch_index(loader, cfg: LoaderConfig) -> list[dict]:
+    """Read epochs 0 (dropped after one batch, as the trainer does with steps_per_epoch), 1, 2 and 2
+    again (one batch); every batch's masks must be those of its (epoch, batch index), straight from
+    the generator (a short batch: the first rows of a full one). Returns epoch 1's batches."""
+    generator = MaskGenerator(cfg.mask, GRID, cfg.mask_ratio, seed=cfg.seed, rank=cfg.rank)
+    epoch_one = []
+    for epoch, limit in ((0, 1), (1, None), (2, None), (2, 1)):
+        loader.set_epoch(epoch)
+        count = 0
+        for index, batch in enumerate(loader):
+            expected = generator(cfg.batch_size, epoch=epoch, index=index)[: len(batch["labels"])]
+            assert torch.equal(batch["mask"], torch.from_numpy(expected)), (epoch, index)
+            epoch_one += [batch] if epoch == 1 else []
+            count += 1
+            if count == limit:
+                break  # the iterator is dropped mid-epoch
+        assert count == (limit or len(loader))
+    return epoch_one
+
+
+@pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 2), ("dali", 1), ("dali", 3)])
+def test_masks_depend_only_on_seed_rank_epoch_and_batch_index(folder, backend, workers):
+    cfg = _config(folder, backend, train=True, drop_last=False, batch_size=10, workers=workers,
+                  mask=MASK_SCHEDULE, seed=5, rank=1, world_size=2)
+    epoch_one = check_masks_by_batch_index(build_loader(cfg), cfg)
+    assert [len(batch["labels"]) for batch in epoch_one] == [10, 3]  # rank 1 of 2 holds 13 of the 26 images
+
+
 def test_torch_augmentation_does_not_depend_on_worker_count(folder):
     cfg = _config(folder, "torch", train=True, mask=None)
     single = next(iter(build_loader(cfg)))
@@ -193,12 +224,13 @@ def test_torch_augmentation_does_not_depend_on_worker_count(folder):
     assert torch.equal(single["images"], multi["images"]) and torch.equal(single["labels"], multi["labels"])
 
 
-def test_ffcv_training_epoch(folder):
-    loader = build_loader(_config(folder, "ffcv", train=True))
-    epoch = _epoch(loader)
-    assert len(loader) == (GOOD_JPEGS + 2) // BATCH
-    assert epoch["images"].shape == (len(loader) * BATCH, 3, SIZE, SIZE)
-    assert ((~epoch["mask"]).sum(dim=1) == VISIBLE).all()
+def test_ffcv_training_epochs_and_their_masks(folder):
+    cfg = _config(folder, "ffcv", train=True, mask=MASK_SCHEDULE, seed=5)
+    loader = build_loader(cfg)
+    epoch = check_masks_by_batch_index(loader, cfg)
+    assert len(loader) == len(epoch) == (GOOD_JPEGS + 2) // BATCH
+    images = torch.cat([batch["images"] for batch in epoch])
+    assert images.shape == (len(loader) * BATCH, 3, SIZE, SIZE)
 
 
 @pytest.mark.gpu
