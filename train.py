@@ -354,14 +354,20 @@ class Trainer:
                      100 * metrics["data_wait"])
 
     def log_mask_figure(self) -> None:
-        """The noise.show figure of the run's mask colours, as an MLflow artifact."""
+        """The noise.show figure (an artifact) and the noise.stats statistics (metrics at step 0) of
+        the run's mask colours, in MLflow."""
         from noise.show import render
+        from noise.stats import colour_statistics
 
         figure = self.run_dir / "masks.png"
         colours = sorted({colour for _, colour in parse_schedule(self.cfg.mask.schedule)})
         grid = self.cfg.data.img_size // self.model.patch_size
         render(figure, colours, grid=grid, ratio=self.cfg.mask.ratio, bank_path=self.cfg.mask.bank)
         self.tracker.log_artifact(figure, "figures")
+        statistics = colour_statistics(colours, grid, self.cfg.mask.ratio, bank_path=self.cfg.mask.bank)
+        metrics = {f"mask_stats/{colour}/{name}": value
+                   for colour, values in statistics.items() for name, value in values.items()}
+        self.tracker.log_metrics(metrics, 0)
 
 
 def git_commit() -> str:

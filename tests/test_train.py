@@ -8,6 +8,7 @@ killed in the middle of a run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+import noise.stats
 import tracking
 import train
 from configs import load_config
@@ -85,6 +87,9 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
     assert [tags[k] for k in ("loader", "mask", "world_size", "device")] == ["torch", "green", "1", "cpu"]
     assert tags["checkpoint"] == str((run_dir / "checkpoint-last.pth").resolve()) and tags["git_commit"]
     assert {"loss", "lr", "images_per_s", "data_wait", "step_time_s", "peak_mem_mb"} <= set(run.data.metrics)
+    mask_stats = {name: value for name, value in run.data.metrics.items() if name.startswith("mask_stats/")}
+    assert set(mask_stats) == {f"mask_stats/green/{name}" for name in noise.stats.STATISTICS}
+    assert 0.5 < mask_stats["mask_stats/green/neighbour_agreement"] < 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
     artifacts = {a.path for folder in ("figures", "reconstructions")
                  for a in client.list_artifacts(run.info.run_id, folder)}
@@ -142,27 +147,35 @@ def test_command_line_flags_and_overrides_mix():
     assert cfg.log.mlflow_uri == "http://h:5000" and cli.resume == "runs/demo"
 
 
-def test_resume_after_sigterm_is_exact(images, runs, monkeypatch):
-    """18 steps straight versus 9 steps, SIGTERM, resume, 9 more: identical losses and weights."""
-    straight = train.main(args(images, runs, "train.epochs=3", "log.run_name=straight"))
-
+def signal_during_step(monkeypatch, step: int) -> None:
+    """Make the next run get SIGTERM during optimiser step `step`: it finishes the step, saves, returns."""
     real_step = train.Trainer.train_step
 
     def step_then_signal(self, batches):
-        if self.step == 8:  # during step 9: the loop finishes it, saves and returns
+        if self.step == step - 1:
+            monkeypatch.setattr(train.Trainer, "train_step", real_step)
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, batches)
 
     monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
-    train.main(args(images, runs, "train.epochs=3", "log.run_name=split"))
-    ckpt = torch.load(runs / "split" / "checkpoint-last.pth", weights_only=True)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_resume_after_sigterm_is_exact(images, runs, monkeypatch, loader):
+    """18 steps straight versus 9 steps, SIGTERM, resume, 9 more, with a new mask colour every epoch:
+    identical losses and weights."""
+    options = ["train.epochs=3", f"data.loader={loader}", "mask.schedule=green@0,blue@1,random@2"]
+    straight = train.main(args(images, runs, *options, f"log.run_name=straight-{loader}"))
+
+    signal_during_step(monkeypatch, 9)
+    train.main(args(images, runs, *options, f"log.run_name=split-{loader}"))
+    ckpt = torch.load(runs / f"split-{loader}" / "checkpoint-last.pth", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["loader"][0]["batches"]) == (1, 9, 3)  # mid-epoch
-    assert mlflow_run(runs, runs / "split")[1].info.status == "KILLED"
-    monkeypatch.setattr(train.Trainer, "train_step", real_step)
-    resumed = train.main(args(images, runs, "train.epochs=3", "log.run_name=split"))
+    assert mlflow_run(runs, runs / f"split-{loader}")[1].info.status == "KILLED"
+    resumed = train.main(args(images, runs, *options, f"log.run_name=split-{loader}"))
 
     histories = []
-    for name in ("straight", "split"):
+    for name in (f"straight-{loader}", f"split-{loader}"):
         client, run = mlflow_run(runs, runs / name)
         history = client.get_metric_history(run.info.run_id, "loss")
         histories.append(sorted((m.step, m.value) for m in history))
@@ -170,6 +183,48 @@ def test_resume_after_sigterm_is_exact(images, runs, monkeypatch):
     assert histories[1] == histories[0]
     for name, tensor in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def record_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """From now on, every batch a training step takes is recorded as (mask, per-image mean colour)."""
+    seen = []
+    real_step = train.Trainer.train_step
+
+    def recording_step(self, batches):
+        batch = next(batches)  # one micro-batch per step in these tests
+        seen.append((batch["mask"].clone(), batch["images"].mean(dim=(2, 3))))
+        return real_step(self, itertools.chain([batch], batches))
+
+    monkeypatch.setattr(train.Trainer, "train_step", recording_step)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba's finalizer at gc
+def test_ffcv_resume_keeps_masks_and_sample_order(tmp_path, monkeypatch):
+    """ffcv draws its crops unseeded, so only the masks and the sample order can match: each image is
+    one flat colour, which any crop keeps, so a batch's mean colours name its samples."""
+    folder = tmp_path / "flat"
+    for index in range(16):
+        (folder / f"c{index % 2}").mkdir(parents=True, exist_ok=True)
+        colour = (16 * index, 255 - 16 * index, (64 + 48 * index) % 256)
+        Image.new("RGB", (32, 32), colour).save(folder / f"c{index % 2}" / f"{index}.png")
+    options = ["train.epochs=2", "train.batch_size=4", "data.loader=ffcv", "mask.schedule=green@0,blue@1",
+               "log.mlflow=false"]
+    split = record_batches(monkeypatch)
+    train.main(args(folder, tmp_path / "runs", *options, "log.run_name=straight"))
+    straight = split.copy()
+    split.clear()
+    signal_during_step(monkeypatch, 6)  # epoch 1 of 2 x 4 steps
+    train.main(args(folder, tmp_path / "runs", *options, "log.run_name=split"))
+    assert len(split) == 6
+    train.main(args(folder, tmp_path / "runs", *options, "log.run_name=split"))
+
+    assert len(split) == len(straight) == 8
+    for step, ((mask, colours), (mask_again, colours_again)) in enumerate(zip(straight, split, strict=True)):
+        assert torch.equal(mask, mask_again), step
+        torch.testing.assert_close(colours, colours_again, rtol=0, atol=0.05, msg=f"step {step}")
+    assert not torch.equal(straight[0][0], straight[4][0])  # epochs differ (green, then blue)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, runs, monkeypatch):
@@ -235,7 +290,6 @@ def test_torchrun_two_processes_end_with_identical_weights(images, tmp_path):
     ckpt = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)
     assert ckpt["step"] == 4 and len(ckpt["loader"]) == 2
     assert all(torch.equal(ckpt["model"][name], tensor) for name, tensor in rank0.items())
-    assert ckpt["loader"][0]["mask"]["rng"] != ckpt["loader"][1]["mask"]["rng"]  # per-rank mask streams
 
 
 def run_train(argv: list[str]) -> subprocess.Popen:
