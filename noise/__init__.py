@@ -5,9 +5,14 @@ Defaults (all configurable, and stored with every cached bank):
   green/purple sigmas (0.5, 2.0), in texture cells (``noise.textures``);
 - banks: 64 textures of 64 x 64 per colour, seed 0, cached as npz in ``$COLORMAE_CACHE/banks``
   or ``~/.cache/colormae/banks`` (``noise.bank``); all five generate in about a second on 2 cores;
-- masks: per-sample texture, wrap-around offset and flips (``noise.masks.MaskGenerator``).
+- filter: the sampled Gaussian kernel of ``scipy.ndimage.gaussian_filter(mode="wrap")``, applied by FFT;
+- masks: per-sample texture, offset (wrap-around for generated banks, in bounds for the authors'
+  files) and flips; the masks of a batch are a pure function of (seed, rank, epoch, batch index)
+  (``noise.masks.MaskGenerator``);
+- statistics: neighbour agreement, visible region size and spectral band shares (``noise.stats``).
 
-``python -m noise.show --out masks.png`` draws a gallery of textures, masks and spectra.
+``python -m noise.show --out masks.png`` draws a gallery of textures, masks and spectra and prints
+the statistics of each mask type.
 """
 
 from noise.bank import (

@@ -71,7 +71,8 @@ def colour_statistics(
 
 def format_table(statistics: dict[str, dict[str, float]]) -> str:
     """``colour_statistics`` as a text table, one row per mask type."""
-    lines = [f"{'mask':<8}" + "".join(f"{name:>21}" for name in STATISTICS)]
+    columns = [(name, max(len(name), 6) + 2) for name in STATISTICS]
+    lines = [f"{'mask':<8}" + "".join(f"{name:>{width}}" for name, width in columns)]
     for colour, values in statistics.items():
-        lines.append(f"{colour:<8}" + "".join(f"{values[name]:>21.3f}" for name in STATISTICS))
+        lines.append(f"{colour:<8}" + "".join(f"{values[name]:>{width}.3f}" for name, width in columns))
     return "\n".join(lines)

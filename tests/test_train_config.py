@@ -61,6 +61,7 @@ def test_round_trip_through_checkpoint_dict(data_dir):
         ("mask.ratio=0", "mask.ratio 0.0 must lie strictly between 0 and 1"),
         ("mask.schedule=teal", "mask.schedule 'teal' is invalid"),
         ("mask.schedule=green@0,pink@5", "mask.schedule 'green@0,pink@5' is invalid"),
+        ("mask.schedule=green@0,red@5,blue@2", "start epochs must increase strictly"),
         ("data.loader=tfds", "data.loader 'tfds' is unknown; choose one of torch, dali, ffcv"),
         ("data.path=/nonexistent/imagenet/train", "data.path '/nonexistent/imagenet/train' is not a folder"),
         ("model.preset=vit_gigantic", "model.preset 'vit_gigantic' is unknown"),
