@@ -224,6 +224,7 @@ def test_torch_augmentation_does_not_depend_on_worker_count(folder):
     assert torch.equal(single["images"], multi["images"]) and torch.equal(single["labels"], multi["labels"])
 
 
+@pytest.mark.slow
 def test_ffcv_training_epochs_and_their_masks(folder):
     cfg = _config(folder, "ffcv", train=True, mask=MASK_SCHEDULE, seed=5)
     loader = build_loader(cfg)
