@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from noise.masks import MaskGenerator
+
 STATISTICS = ("neighbour_agreement", "visible_region", "low", "mid", "high")
 BAND_EDGES = (1 / 6, 1 / 3)  # cycles per patch between the low, mid and high bands
 DEFAULT_MASKS = 2000  # masks per estimate: standard errors of about 0.002 on the shares
@@ -60,8 +62,6 @@ def colour_statistics(
     bank_path: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """``mask_statistics`` of ``count`` masks per mask type (a colour or ``"random"``), as runs draw them."""
-    from noise.masks import MaskGenerator
-
     results = {}
     for colour in colours:
         generator = MaskGenerator(colour, grid, ratio, seed=seed, cache_dir=cache_dir, bank_path=bank_path)
