@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 FASHION_MNIST_SPLITS = {"train": "train", "val": "t10k"}
 STAMP = ".prepared.json"
+# Where the JPEG corpus takes its photos from: (module, folder inside it), the first installed one wins.
+PHOTO_SOURCES = (("mvtbdata", "images"), ("skimage", "data"), ("matplotlib", "mpl-data/sample_data"))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -78,17 +81,24 @@ def prepare_fashion_mnist(out: Path, *, src: Path = FASHION_MNIST_DIR, limit: in
 
 
 def _corpus_photos() -> list[Path]:
-    """The real colour photographs shipped with mvtb-data that are big enough to cut 500x375 from."""
-    import mvtbdata
-
-    photos = []
-    for path in sorted((Path(mvtbdata.__file__).parent / "images").rglob("*")):
-        if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+    """Real colour photographs big enough to cut 500x375 from, from the first package of
+    PHOTO_SOURCES that is installed (GPU images without mvtb-data often carry scikit-image)."""
+    for module, folder in PHOTO_SOURCES:
+        try:
+            package = importlib.import_module(module)
+        except ImportError:
             continue
-        with Image.open(path) as img:
-            if img.mode in ("RGB", "RGBA") and min(img.size) >= 375 and max(img.size) >= 500:
-                photos.append(path)
-    return photos
+        photos = []
+        for path in sorted((Path(package.__file__).parent / folder).rglob("*")):
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            with Image.open(path) as img:
+                if img.mode in ("RGB", "RGBA") and min(img.size) >= 375 and max(img.size) >= 500:
+                    photos.append(path)
+        if photos:
+            print(f"prepare: {len(photos)} photos from {module}", flush=True)
+            return photos
+    return []
 
 
 def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: int = 0) -> Path:
@@ -100,7 +110,7 @@ def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: in
         return out
     photos = _corpus_photos()
     if not photos:
-        raise SystemExit("no photos found in the mvtb-data package; `pip install mvtb-data`")
+        raise SystemExit("no photos found in mvtb-data, scikit-image or matplotlib; `pip install mvtb-data`")
     def cut_photo(photo: int) -> None:
         with Image.open(photos[photo]) as img:
             img = img.convert("RGB")
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ff.add_argument("--jpeg-quality", type=int, default=90)
     ff.add_argument("--write-mode", default="jpg", help="raw | jpg | smart | proportion")
     ff.add_argument("--workers", type=int, default=None)
-    jc = commands.add_parser("jpeg-corpus", help="ImageNet-like JPEG folders cut from mvtb-data photos")
+    jc = commands.add_parser("jpeg-corpus", help="ImageNet-like JPEG folders cut from real photos")
     jc.add_argument("--out", type=Path, required=True)
     jc.add_argument("--n", type=int, default=2000)
     jc.add_argument("--classes", type=int, default=10)

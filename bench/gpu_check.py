@@ -1,0 +1,448 @@
+"""One command that exercises and measures every GPU path, for the first minutes on a GPU node.
+
+    python3 -m bench.gpu_check                        # one GPU, <= 9 minutes; results in runs/gpu-check/
+    python3 -m bench.gpu_check --write-docs           # also docs/gpu-results.md and docs/gpu-results.json
+    python3 -m bench.gpu_check --wheels /mnt/wheels   # bring missing packages (DALI, FFCV) as wheels
+    python3 -m bench.gpu_check --smoke                # every part on the CPU at toy sizes (what CI runs)
+
+It runs in whatever Python environment is active (no set-up step, nothing fetched): a GPU image with
+torch, torchvision, timm, CuPy and numpy is enough. It prints the plan with each part's budget, then
+runs each part in its own process under that budget; a part that fails or runs out of time is
+recorded and the next one starts. A part whose package is missing is recorded as
+`skipped: missing <package>`. Parts:
+
+1. pytest-gpu: `pytest -m gpu`, every GPU twin (CuPy masks, DALI mixed, device transfer, bf16);
+2. masks: `bench/masks.py --device cuda`, the CuPy mask stage against torch argsort masking;
+3. corpus: the ImageNet-like JPEG corpus (`pipelines.prepare jpeg-corpus`), unless --data is given;
+4. loaders: `bench/loaders.py --device cuda` at S=224, batch 256: torch, DALI 'mixed', FFCV ToDevice
+   and the plain torchvision ImageFolder peer, with and without masks, against GPU decode-only;
+5. train-step: `bench/train_step.py`, ViT-B/16 MAE, bf16, batch 256, eager and torch.compile, MFU,
+   peak memory, host syncs, the public-MAE-style peer step, the largest batch that fits;
+6. e2e-<loader>: `train.py` for 200 steps on the corpus with each loader: images/s and data wait;
+7. reproduce: `bench/reproduce.py` when the time left allows it (about 10 minutes; raise --total).
+
+Writes runs/gpu-check/gpu-check.json (one row per measurement, each with the GPU, driver, CUDA and
+package versions), gpu-check.md (the summary, with the issue's targets) and logs/<part>.log.
+
+--wheels DIR installs every wheel in DIR with `pip install --no-index --no-deps --target <tmp>` and
+puts <tmp> first on the parts' PYTHONPATH: copy DALI's wheel (nvidia-dali-cuda130, ~200 MB) and any
+dependency the image lacks into DIR. Nothing is installed into the environment itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.deps import missing, skip_reason, version  # noqa: E402
+from pipelines.prepare import FASHION_MNIST_DIR, PHOTO_SOURCES  # noqa: E402
+
+TOTAL_S = 540  # the whole check, on one H100/H200
+REPRODUCE_S = 600  # bench/reproduce.py's GPU budget
+E2E_STEPS = 200
+OPTIONAL = {"mlflow", "nvidia", "ffcv", "cupy"}  # a test module that needs one of these may not collect
+
+
+@dataclass
+class Sizes:
+    """What each part runs at: the issue's sizes on a GPU, toy sizes for --smoke on the CPU."""
+
+    device: str
+    corpus_n: int
+    img_size: int
+    batch: int
+    model: str
+    mask_batches: str
+    train_args: list[str]
+    e2e_steps: int
+    e2e_every: int
+
+
+GPU = Sizes("cuda", 8000, 224, 256, "vit_base", "256,4096", ["--compile", "--largest"], E2E_STEPS, 20)
+SMOKE = Sizes("cpu", 48, 64, 8, "demo", "8,64",
+              ["--compile", "--compile-backend", "eager", "--largest", "--max-batch", "16",
+               "--steps", "2", "--warmup", "1", "--rounds", "1"], 6, 2)
+
+
+@dataclass
+class Part:
+    name: str
+    budget_s: float
+    command: list[str]
+    read: Callable[[Part, Path], list[dict]]  # (part, run folder) -> rows
+    skip: str | None = None  # decided when planning
+    needs_corpus: bool = False
+    status: str = "not run"
+    seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+
+
+# -- the environment ---------------------------------------------------------------------------
+
+def install_wheels(folder: Path) -> Path:
+    """pip-install every wheel in `folder` (no index, no dependencies) into a fresh temporary target."""
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        raise SystemExit(f"error: --wheels {folder}: no .whl files there")
+    target = Path(tempfile.mkdtemp(prefix="gpu-check-wheels-"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target",
+                    str(target), *map(str, wheels)], check=True)
+    return target
+
+
+def environment() -> dict:
+    """GPU name, driver, CUDA and the versions of the packages the parts use."""
+    import torch
+
+    gpu, driver = "none (CPU)", None
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30, check=True)
+        gpu, driver = (item.strip() for item in query.stdout.splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    return {"gpu": gpu, "driver": driver, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": version("torchvision"), "timm": version("timm"),
+            "numpy": version("numpy"), "cupy": version("cupy"), "dali": version("nvidia.dali"),
+            "ffcv": version("ffcv"), "mlflow": version("mlflow"), "cpus": os.cpu_count()}
+
+
+# -- reading what each part wrote --------------------------------------------------------------
+
+def read_json_rows(part: Part, out: Path) -> list[dict]:
+    """Rows of a bench script's JSON: every entry of its lists, tagged with the list's name."""
+    path = out / f"{part.name}.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, list):
+            rows += [{"table": key, **item} for item in value if isinstance(item, dict)]
+    scalars = {k: v for k, v in data.items() if not isinstance(v, list | dict)}
+    nested = {k: v for k, v in data.items() if isinstance(v, dict)}
+    return [*rows, {"table": "summary", **scalars, **nested}]
+
+
+def read_pytest(part: Part, out: Path) -> list[dict]:
+    """Counts from pytest's JUnit XML; modules that could not be collected are listed with the reason."""
+    path = out / "pytest-gpu.xml"
+    if not path.exists():
+        return []
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "not_collected": [], "failures": []}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if problem is not None and "collection failure" in (problem.get("message") or ""):
+            absent = re.search(r"No module named '([\w.]+)'", problem.text or "")
+            counts["not_collected"].append(f"{name} ({absent.group(0) if absent else 'error'})")
+        elif problem is not None:
+            counts["failed"] += 1
+            counts["failures"].append(name)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return [{"table": "pytest -m gpu", **counts}]
+
+
+STEP_LINE = re.compile(r"step (\d+) .*?([\d.]+) img/s, data wait ([\d.]+)%")
+
+
+def read_train_log(part: Part, out: Path) -> list[dict]:
+    """images/s and data-wait share from train.py's metric lines, leaving out the first window
+    (start-up: CUDA context, cuDNN autotuning, the loader's first batches)."""
+    windows = [tuple(map(float, m.groups())) for m in STEP_LINE.finditer((out / "logs" / f"{part.name}.log")
+                                                                         .read_text(errors="replace"))]
+    if len(windows) < 2:
+        return []
+    steady = windows[1:]
+    rates = sorted(rate for _, rate, _ in steady)
+    return [{"table": "train.py", "loader": part.name.removeprefix("e2e-"), "steps": int(windows[-1][0]),
+             "images_per_s": rates[len(rates) // 2],
+             "data_wait": round(sum(wait for *_, wait in steady) / len(steady) / 100, 4)}]
+
+
+def pytest_failed(rows: list[dict]) -> bool:
+    """True when a GPU test failed, or a test module failed to collect for a reason other than a
+    missing optional package (mlflow, DALI, FFCV)."""
+    for row in rows:
+        optional = [m for m in row["not_collected"] if any(f"'{name}" in m for name in OPTIONAL)]
+        if row["failed"] or len(optional) < len(row["not_collected"]):
+            return True
+    return False
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
+    """Every part with its command and budget; skips that are known before running anything."""
+    s, py = (SMOKE if args.smoke else GPU), sys.executable
+    bench = ROOT / "bench"
+    parts = [
+        Part("pytest-gpu", 90, [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                "--continue-on-collection-errors", f"--junitxml={out / 'pytest-gpu.xml'}",
+                                str(ROOT / "tests")], read_pytest, skip=skip_reason("pytest")),
+        Part("masks", 45, [py, str(bench / "masks.py"), "--device", s.device, "--batches", s.mask_batches,
+                           "--json", str(out / "masks.json"), *(["--seconds", "0.05", "--repeats", "1"]
+                                                                if args.smoke else [])],
+             read_json_rows, skip=skip_reason("cupy") if s.device == "cuda" else None),
+    ]
+    if args.data is None:
+        photos = [module for module, _ in PHOTO_SOURCES]
+        absent = missing(*photos)
+        parts.append(Part("corpus", 45, [py, "-m", "pipelines.prepare", "jpeg-corpus", "--out", str(corpus),
+                                         "--n", str(s.corpus_n)], lambda part, out: [],
+                          skip=f"skipped: missing one of {', '.join(absent)} (or pass --data DIR)"
+                          if len(absent) == len(photos) else None))
+    loaders = "torch,dali,imagefolder" if args.smoke else "torch,dali,ffcv,imagefolder"
+    parts.append(Part("loaders", 120, [py, str(bench / "loaders.py"), "--data", str(corpus), "--device",
+                                       s.device, "--loaders", loaders, "--img-size", str(s.img_size),
+                                       "--batch-size", str(s.batch), "--rounds", "1" if args.smoke else "2",
+                                       *(["--workers", "2"] if args.smoke else []),
+                                       "--json", str(out / "loaders.json")],
+                      read_json_rows, needs_corpus=True))
+    parts.append(Part("train-step", 150, [py, str(bench / "train_step.py"), "--models", s.model,
+                                          "--inputs", "synthetic", "--batch", str(s.batch), *s.train_args,
+                                          "--json", str(out / "train-step.json")], read_json_rows))
+    for loader in ("torch", "dali", "ffcv"):
+        needs = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(loader)
+        reason = skip_reason(needs) if needs else None
+        if args.smoke and loader == "ffcv" and not reason:
+            reason = "skipped: --smoke (ffcv's numba compilation takes minutes on a small CPU)"
+        parts.append(Part(f"e2e-{loader}", 45, e2e_command(loader, s, corpus, out), read_train_log,
+                          skip=reason, needs_corpus=True))
+    script = bench / "reproduce.py"
+    reproduce_skip = ("skipped: bench/reproduce.py is absent" if not script.exists() else
+                      f"skipped: missing {FASHION_MNIST_DIR} (Debian dataset-fashion-mnist)"
+                      if not FASHION_MNIST_DIR.is_dir() else None)
+    tiny = ["--quick", "--masks", "random", "--seeds", "0", "--train-images", "64", "--test-images", "32",
+            "--batch-size", "32", "--seg-train", "16", "--seg-test", "8", "--probe-epochs", "1"]
+    parts.append(Part("reproduce", 120 if args.smoke else REPRODUCE_S,
+                      [py, str(script), "--device", s.device, *(tiny if args.smoke else []),
+                       "--out", str(out / "reproduce.md"), "--json", str(out / "reproduce.json")],
+                      read_json_rows, skip=reproduce_skip))
+    if args.parts:
+        wanted = args.parts.split(",")
+        unknown = set(wanted) - {p.name for p in parts}
+        if unknown:
+            raise SystemExit(f"error: --parts: unknown {', '.join(sorted(unknown))}; "
+                             f"choose from {', '.join(p.name for p in parts)}")
+        parts = [p for p in parts if p.name in wanted]
+    return parts
+
+
+def e2e_command(loader: str, s: Sizes, corpus: Path, out: Path) -> list[str]:
+    """train.py for about `s.e2e_steps` steps with `loader` (no MLflow, no figures, one run folder)."""
+    steps_per_epoch = max(1, s.corpus_n // s.batch)
+    epochs = math.ceil(s.e2e_steps / steps_per_epoch)
+    overrides = {"model.preset": s.model, "data.path": corpus, "data.loader": loader,
+                 "data.img_size": s.img_size, "train.batch_size": s.batch, "train.epochs": epochs,
+                 "train.steps_per_epoch": math.ceil(s.e2e_steps / epochs), "train.warmup_epochs": 0,
+                 "train.device": "cuda" if s.device == "cuda" else "cpu", "log.mlflow": "false",
+                 "log.recon_every": 0, "log.every_steps": s.e2e_every, "log.runs_root": out / "e2e",
+                 "log.run_name": loader, "train.checkpoint_every": epochs}
+    if s.device == "cpu":
+        overrides["data.workers"] = 2
+    return [sys.executable, str(ROOT / "train.py"), *(f"{k}={v}" for k, v in overrides.items())]
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def run_part(part: Part, env: dict, out: Path, timeout: float) -> None:
+    """Run one part in its own process group under `timeout`; record status, seconds and rows."""
+    log = out / "logs" / f"{part.name}.log"
+    start = time.perf_counter()
+    with log.open("w") as sink:
+        process = subprocess.Popen(part.command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+            part.status = "ok" if code == 0 else f"failed: exit code {code}"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the part and its workers
+            process.wait()
+            part.status = f"timeout after {timeout:.0f} s"
+    part.seconds = time.perf_counter() - start
+    try:
+        part.rows = part.read(part, out)
+    except (OSError, ValueError, KeyError, ET.ParseError) as err:
+        part.status += f"; results unreadable: {err}"
+    if part.name == "pytest-gpu" and part.rows:  # collection errors of optional packages are skips
+        part.status = "failed: see the failures" if pytest_failed(part.rows) else "ok"
+    elif part.status == "ok" and not part.rows and part.name.startswith("e2e-"):
+        part.status = "failed: no step metrics in train.py's log"
+    if not part.status.startswith("ok"):
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        print(f"  {part.name}: {part.status}\n    " + "\n    ".join(tail), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    shutil.rmtree(out / "e2e", ignore_errors=True)  # train.py would resume an earlier check's runs
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": path}  # PASSIVE: as train.py sets
+    if args.wheels:
+        target = install_wheels(args.wheels)
+        sys.path.insert(0, str(target))
+        env["PYTHONPATH"] = os.pathsep.join([str(target), env["PYTHONPATH"]])
+
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here; `python3 -m bench.gpu_check --smoke` runs the CPU twin")
+    corpus = args.data or out / "jpeg-corpus"
+    parts = plan(args, out, corpus)
+    info = environment()
+    total = args.total
+    print(f"GPU check ({'smoke, CPU' if args.smoke else info['gpu']}): {len(parts)} parts, at most {total} s")
+    for part in parts:
+        print(f"  {part.name:12s} {part.skip or f'budget {part.budget_s:.0f} s'}")
+    deadline = time.perf_counter() + total
+    for part in parts:
+        left = deadline - time.perf_counter()
+        corpus_failed = part.needs_corpus and any(p.name == "corpus" and not p.status.startswith("ok")
+                                                  and not p.skip for p in parts)
+        if part.skip:
+            part.status = part.skip
+        elif part.needs_corpus and (corpus_failed or not corpus.is_dir()):
+            part.status = "skipped: no JPEG corpus (the corpus part did not finish)"
+        elif part.name == "reproduce" and left < part.budget_s:
+            part.status = f"skipped: needs ~{part.budget_s:.0f} s, {left:.0f} s left (raise --total)"
+        elif left < 10:
+            part.status = f"skipped: the {total} s total is used up"
+        else:
+            print(f"[{part.name}] budget {min(part.budget_s, left):.0f} s", flush=True)
+            run_part(part, env, out, min(part.budget_s, left))
+            print(f"[{part.name}] {part.status} in {part.seconds:.0f} s", flush=True)
+    rows = [{"part": p.name, **row, **info} for p in parts for row in p.rows]
+    rows += [{"part": p.name, "status": p.status, "seconds": round(p.seconds, 1), **info} for p in parts]
+    summary = markdown(parts, info, args)
+    (out / "gpu-check.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "gpu-check.md").write_text(summary)
+    if args.write_docs:
+        (ROOT / "docs" / "gpu-results.md").write_text(summary)
+        (ROOT / "docs" / "gpu-results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(summary)
+    bad = [p.name for p in parts if not (p.status.startswith("ok") or p.status.startswith("skipped"))]
+    print(f"written: {out / 'gpu-check.json'}, {out / 'gpu-check.md'}"
+          + (f"; NOT OK: {', '.join(bad)}" if bad else "; every part ok or skipped"))
+    return 1 if bad else 0
+
+
+# -- the summary -------------------------------------------------------------------------------
+
+def table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of `rows` (columns: the given ones, else every key in order of appearance)."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "/") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def targets(parts: dict[str, Part], smoke: bool) -> list[dict]:
+    """The issue's targets against what was measured (not judged in --smoke: toy sizes on a CPU)."""
+    def rows(name: str, table_name: str) -> list[dict]:
+        return [r for r in parts[name].rows if r.get("table") == table_name] if name in parts else []
+
+    checks = []
+
+    def check(target: str, measured: float | None, ok: bool) -> None:
+        if measured is not None:
+            checks.append({"target": target, "measured": round(measured, 3),
+                           "met": "n/a (smoke)" if smoke else ("yes" if ok else "NO")})
+
+    ratios = next(iter(rows("masks", "summary")), {}).get("ratios_vs_random_torch", {})
+    if ratios:
+        worst_small = min(next(iter(r.values())) for r in ratios.values())  # the first batch (256)
+        worst_large = min(list(r.values())[-1] for r in ratios.values())  # the last (4096)
+        check("masks: every colour >= 2x torch argsort masking at B=256", worst_small, worst_small >= 2)
+        check("masks: every colour >= 1x torch argsort masking at B=4096", worst_large, worst_large >= 1)
+    loader_rows = [r for r in rows("loaders", "results") if "images_per_s" in r]
+    masked = [r for r in loader_rows if r.get("mask")]
+    if masked:
+        best = max(masked, key=lambda r: r["images_per_s"])
+        check(f"loaders: best backend ({best['loader']}, masks) >= 0.8x decode-only", best["vs_decode_only"],
+              best["vs_decode_only"] >= 0.8)
+        worst = max(r["mask_stage_share"] for r in masked)
+        check("loaders: mask stage <= 2% of the epoch (worst backend)", worst, worst <= 0.02)
+        peer = next((r["images_per_s"] for r in loader_rows if r["loader"] == "imagefolder"), None)
+        torch_rate = next((r["images_per_s"] for r in masked if r["loader"] == "torch"), None)
+        if peer and torch_rate:
+            check("loaders: torch backend (masks) / ImageFolder peer", torch_rate / peer, torch_rate > peer)
+    train = rows("train-step", "results")
+    if train:
+        best = max(train, key=lambda r: r["images_per_s"])
+        check(f"train step: {best['model']} bf16 >= 4000 img/s per GPU (compile={best['compile']})",
+              best["images_per_s"], best["images_per_s"] >= 4000)
+    baseline = rows("train-step", "baseline")
+    if baseline:
+        best_rate = max(r["images_per_s"] for r in train)
+        speedup = best_rate / baseline[0]["public_style_images_per_s"]
+        check("train step: >= 1.3x the public-MAE-style step", speedup, speedup >= 1.3)
+    waits = [row for name in ("e2e-torch", "e2e-dali", "e2e-ffcv") for row in rows(name, "train.py")]
+    if waits:
+        best = min(waits, key=lambda r: r["data_wait"])
+        check(f"train.py: data wait <= 5% with the best loader ({best['loader']})", best["data_wait"],
+              best["data_wait"] <= 0.05)
+    return checks
+
+
+def markdown(parts: list[Part], info: dict, args: argparse.Namespace) -> str:
+    command = "python3 -m bench.gpu_check" + " ".join(["", *sys.argv[1:]])
+    lines = [f"# GPU check{' (smoke: CPU, toy sizes)' if args.smoke else ''}", "",
+             f"`{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.", "", "## Environment", "",
+             table([info]), "", "## Parts", "",
+             table([{"part": p.name, "status": p.status, "seconds": round(p.seconds, 1),
+                     "budget_s": round(p.budget_s)} for p in parts]), "", "## Targets", ""]
+    checks = targets({p.name: p for p in parts}, args.smoke)
+    lines += [table(checks) if checks else "No target could be measured.", ""]
+    for part in parts:
+        if part.rows:
+            lines += [f"## {part.name}", ""]
+            for name in dict.fromkeys(r["table"] for r in part.rows):
+                chosen = [{k: v for k, v in r.items() if k != "table"}
+                          for r in part.rows if r["table"] == name]
+                lines += [f"{name}:", "", table(chosen), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every part on the CPU at toy sizes")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check", help="results folder")
+    parser.add_argument("--data", type=Path, help="JPEG class folder for loaders and e2e (default: corpus)")
+    parser.add_argument("--wheels", type=Path, help="folder of wheels to install into a temporary target")
+    parser.add_argument("--parts", help="comma list: run only these parts")
+    parser.add_argument("--total", type=int, default=TOTAL_S, help="seconds for the whole check")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write docs/gpu-results.md and docs/gpu-results.json")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
