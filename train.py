@@ -349,7 +349,7 @@ class Trainer:
                    "peak_mem_mb": peak_mb, "epoch": self.step / self.steps_per_epoch}
         self.tracker.log_metrics(metrics, self.step)
         if not show_bar:
-            log.info("step %d (epoch %.2f): loss %.4f, lr %.2e, %.0f img/s, data wait %.0f%%", self.step,
+            log.info("step %d (epoch %.2f): loss %.4f, lr %.2e, %.0f img/s, data wait %.1f%%", self.step,
                      metrics["epoch"], metrics["loss"], metrics["lr"], metrics["images_per_s"],
                      100 * metrics["data_wait"])
 

@@ -1,0 +1,144 @@
+"""bench/gpu_check.py: the --smoke CPU twin of the GPU check, its skips, and the numbers it reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import gpu_check, train_step
+from model import build_mae
+from noise import MaskGenerator, mask_to_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKER = '''
+import sys
+
+class _Blocker:
+    """Makes mlflow, DALI and FFCV unimportable, as on a GPU image that lacks them."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mlflow", "ffcv") or name.startswith(("nvidia.dali.", "nvidia.dali")):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocker())
+'''
+
+
+def run_check(tmp_path: Path, *args: str, block: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m bench.gpu_check --smoke` in a fresh process; its rows grouped by part."""
+    env = {**os.environ, "COLORMAE_CACHE": str(tmp_path / "cache")}
+    if block:
+        (tmp_path / "blocker").mkdir()
+        (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "blocker"), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(tmp_path / "out"),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    rows: dict[str, list[dict]] = {}
+    path = tmp_path / "out" / "gpu-check.json"
+    for row in json.loads(path.read_text()) if path.exists() else []:
+        rows.setdefault(row["part"], []).append(row)
+    return done, rows
+
+
+def status(rows: dict, part: str) -> str:
+    return next(row["status"] for row in rows[part] if "status" in row)
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_part_on_the_cpu(tmp_path):
+    done, rows = run_check(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    plan = done.stdout.split("[pytest-gpu]")[0]  # printed before anything runs, with the budgets
+    assert all(f"{name}" in plan for name in ("masks", "loaders", "train-step", "e2e-torch", "reproduce"))
+    measured = ("pytest-gpu", "masks", "loaders", "train-step", "e2e-torch", "e2e-dali")
+    for part in measured:
+        assert status(rows, part) == "ok", (part, rows[part])
+        assert any("status" not in row for row in rows[part]), f"{part} recorded no measurement"
+    for row in (row for part_rows in rows.values() for row in part_rows):
+        assert {"gpu", "driver", "cuda", "torch", "dali", "cupy"} <= set(row)
+    loaders = {r["loader"]: r for r in rows["loaders"] if r.get("table") == "results" and not r.get("mask")}
+    assert loaders["imagefolder"]["images_per_s"] > 0 and loaders["torch"]["images_per_s"] > 0
+    train = [r for r in rows["train-step"] if r.get("table") == "results"]
+    assert {r["compile"] for r in train} == {False, "eager"}
+    assert all(r["gflops_per_image"] > 0 for r in train)
+    e2e = next(r for r in rows["e2e-torch"] if r.get("table") == "train.py")
+    assert e2e["steps"] == 6 and 0 <= e2e["data_wait"] < 1 and e2e["images_per_s"] > 0
+    summary = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert "## Targets" in summary and "n/a (smoke)" in summary
+
+
+@pytest.mark.slow
+def test_smoke_skips_what_is_missing(tmp_path):
+    """Without mlflow, DALI and FFCV the parts that need them are skipped, the rest run."""
+    parts = "pytest-gpu,corpus,loaders,e2e-torch,e2e-dali,e2e-ffcv"
+    done, rows = run_check(tmp_path, "--parts", parts, block=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert status(rows, "e2e-dali") == "skipped: missing nvidia-dali-cuda130"
+    assert status(rows, "e2e-ffcv") == "skipped: missing ffcv"
+    for part in ("pytest-gpu", "corpus", "loaders", "e2e-torch"):
+        assert status(rows, part) == "ok", (part, rows[part])
+    skipped = {r["loader"]: r["skipped"] for r in rows["loaders"] if "skipped" in r}
+    assert skipped == {"dali": "skipped: missing nvidia-dali-cuda130"}  # ffcv is not in the smoke's list
+    not_collected = next(r for r in rows["pytest-gpu"] if "not_collected" in r)["not_collected"]
+    assert any("mlflow" in module for module in not_collected)
+    assert rows["e2e-torch"][0]["dali"] is None and rows["e2e-torch"][0]["mlflow"] is None
+
+
+def test_check_imports_need_no_mlflow_dali_or_ffcv(tmp_path):
+    """The modules the check runs import cleanly where mlflow, DALI and FFCV are missing."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    modules = ["bench.gpu_check", "bench.masks", "bench.loaders", "bench.train_step", "pipelines",
+               "pipelines.prepare", "pipelines.torch_loader", "noise", "model", "train"]
+    script = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    script += "assert not {'mlflow', 'ffcv', 'nvidia.dali'} & set(sys.modules)\n"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """The stated FLOP count is 3x the matrix-multiply FLOPs torch counts in one forward."""
+    model = build_mae("demo", img_size=64)
+    for block in [*model.blocks, *model.decoder_blocks]:
+        block.attn.fused_attn = False  # explicit matmuls: the counter does not see the CPU's fused kernel
+    grid = 64 // model.patch_size
+    mask = mask_to_torch(MaskGenerator("random", grid=grid, mask_ratio=train_step.MASK_RATIO)(2))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 3, 64, 64), mask)
+    stated = train_step.train_flops_per_image(model.model_args)
+    assert stated == pytest.approx(3 * counter.get_total_flops() / 2, rel=0.01)
+
+
+def test_targets_say_when_a_measurement_misses():
+    def part(name: str, rows: list[dict]) -> gpu_check.Part:
+        return gpu_check.Part(name, 1, [], gpu_check.read_json_rows, rows=rows)
+
+    slow_train = part("train-step", [
+        {"table": "results", "model": "vit_base", "compile": False, "images_per_s": 3000.0},
+        {"table": "baseline", "public_style_images_per_s": 2000.0},
+    ])  # fmt: skip
+    e2e = part("e2e-torch", [{"table": "train.py", "loader": "torch", "data_wait": 0.01}])
+    checks = gpu_check.targets({p.name: p for p in (slow_train, e2e)}, smoke=False)
+    assert [c["met"] for c in checks] == ["NO", "yes", "yes"]  # 3000 < 4000 img/s; 1.5x >= 1.3x; 1% <= 5%
+    smoke = gpu_check.targets({"train-step": slow_train}, smoke=True)
+    assert {c["met"] for c in smoke} == {"n/a (smoke)"}
+
+
+@pytest.mark.gpu
+def test_public_style_step_syncs_more_than_ours():
+    device = torch.device("cuda")
+    model = build_mae("vit_tiny").to(device)
+    batch = next(train_step.synthetic_batches(model.model_args, 8, device))
+    ours = train_step.host_syncs(train_step.make_step(model, device, torch.bfloat16), batch, device)
+    public_model = train_step.PublicStyleMAE(**{k: v for k, v in model.model_args.items() if k != "preset"})
+    public_step = train_step.make_step(public_model.to(device), device, torch.bfloat16, public=True)
+    assert 1 <= ours < train_step.host_syncs(public_step, batch, device)
