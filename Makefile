@@ -3,7 +3,7 @@ PY := .venv/bin/python
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup train test lint masks bench bench-masks bench-loaders bench-train reproduce compare clean
+.PHONY: setup train test lint masks bench bench-masks bench-loaders bench-train gpu-check reproduce compare clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,12 @@ bench-loaders: setup
 
 bench-train: setup
 	$(PY) bench/train_step.py --json $(RUNS)/bench/train_step.json
+
+# On a GPU node, with whatever Python environment is active (no set-up, nothing fetched):
+#   make gpu-check ARGS="--write-docs --wheels /mnt/wheels"      (the CPU twin: ARGS=--smoke)
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 reproduce: setup
 	$(PY) bench/reproduce.py --quick --json $(RUNS)/bench/reproduce-quick.json
