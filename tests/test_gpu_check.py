@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,25 @@ def test_check_imports_need_no_mlflow_dali_or_ffcv(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_wheels_install_into_a_target_the_parts_can_import(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "probe_pkg-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("probe_pkg/__init__.py", "VALUE = 42\n")
+        wheel.writestr("probe_pkg-1.0.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: probe-pkg\nVersion: 1.0\n")
+        wheel.writestr("probe_pkg-1.0.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr("probe_pkg-1.0.dist-info/RECORD", "")
+    gpu_check.install_wheels(wheels, tmp_path / "target")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "target")}
+    done = subprocess.run([sys.executable, "-c", "import probe_pkg; print(probe_pkg.VALUE)"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "42", done.stderr
+    with pytest.raises(SystemExit, match=r"no \.whl files"):
+        gpu_check.install_wheels(tmp_path / "target", tmp_path / "elsewhere")
 
 
 def test_flop_count_matches_torch_flop_counter():
