@@ -91,7 +91,7 @@ def synthetic_batches(args: dict, batch: int, device: torch.device) -> Iterator[
     grid = args["img_size"] // args["patch_size"]
     masks = MaskGenerator("random", grid=grid, seed=0)
     pool = [{"images": torch.randn(batch, 3, args["img_size"], args["img_size"], device=device),
-             "mask": mask_to_torch(masks(batch), device)} for _ in range(2)]
+             "mask": mask_to_torch(masks(batch, epoch=0, index=index), device)} for index in range(2)]
     while True:
         yield from pool
 

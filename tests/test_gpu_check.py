@@ -131,7 +131,8 @@ def test_flop_count_matches_torch_flop_counter():
     for block in [*model.blocks, *model.decoder_blocks]:
         block.attn.fused_attn = False  # explicit matmuls: the counter does not see the CPU's fused kernel
     grid = 64 // model.patch_size
-    mask = mask_to_torch(MaskGenerator("random", grid=grid, mask_ratio=train_step.MASK_RATIO)(2))
+    masks = MaskGenerator("random", grid=grid, mask_ratio=train_step.MASK_RATIO)
+    mask = mask_to_torch(masks(2, epoch=0, index=0))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(2, 3, 64, 64), mask)
     stated = train_step.train_flops_per_image(model.model_args)
