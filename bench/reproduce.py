@@ -149,13 +149,13 @@ def pretrain(mask: str, seed: int, data: dict, args) -> tuple[torch.nn.Module, f
     synchronize()
     start, step = time.perf_counter(), 0
     mae.train()
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         order = torch.randperm(len(pixels), device=device, generator=generator)
         losses = []
-        for index in order[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
+        for batch, index in enumerate(order[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)):
             images = random_resized_crop(pixels[index], args.img_size, generator)
             with autocast:
-                loss = mae(images, mask_to_torch(masks(len(index)), device))[0]
+                loss = mae(images, mask_to_torch(masks(len(index), epoch=epoch, index=batch), device))[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
