@@ -40,6 +40,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,17 +172,16 @@ STEP_LINE = re.compile(r"step (\d+) .*?([\d.]+) img/s, data wait ([\d.]+)%")
 
 
 def read_train_log(part: Part, out: Path) -> list[dict]:
-    """images/s and data-wait share from train.py's metric lines, leaving out the first window
-    (start-up: CUDA context, cuDNN autotuning, the loader's first batches)."""
-    windows = [tuple(map(float, m.groups())) for m in STEP_LINE.finditer((out / "logs" / f"{part.name}.log")
-                                                                         .read_text(errors="replace"))]
+    """images/s (median) and data-wait share (mean) of train.py's metric lines, leaving out the
+    first window (start-up: CUDA context, cuDNN autotuning, the loader's first batches)."""
+    log = (out / "logs" / f"{part.name}.log").read_text(errors="replace")
+    windows = [tuple(map(float, match.groups())) for match in STEP_LINE.finditer(log)]
     if len(windows) < 2:
         return []
     steady = windows[1:]
-    rates = sorted(rate for _, rate, _ in steady)
     return [{"table": "train.py", "loader": part.name.removeprefix("e2e-"), "steps": int(windows[-1][0]),
-             "images_per_s": rates[len(rates) // 2],
-             "data_wait": round(sum(wait for *_, wait in steady) / len(steady) / 100, 4)}]
+             "images_per_s": statistics.median(rate for _, rate, _ in steady),
+             "data_wait": round(statistics.mean(wait for *_, wait in steady) / 100, 4)}]
 
 
 # -- the plan ----------------------------------------------------------------------------------
