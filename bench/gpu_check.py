@@ -80,10 +80,11 @@ class Sizes:
     e2e_every: int
 
 
-GPU = Sizes("cuda", 8000, 224, 256, "vit_base", "256,4096", ["--compile", "--largest"], E2E_STEPS, 20)
-SMOKE = Sizes("cpu", 48, 64, 8, "demo", "8,64",
-              ["--compile", "--compile-backend", "eager", "--largest", "--max-batch", "16",
-               "--steps", "2", "--warmup", "1", "--rounds", "1"], 6, 2)
+GPU = Sizes(device="cuda", corpus_n=8000, img_size=224, batch=256, model="vit_base", mask_batches="256,4096",
+            train_args=["--compile", "--largest"], e2e_steps=E2E_STEPS, e2e_every=20)
+SMOKE = Sizes(device="cpu", corpus_n=48, img_size=64, batch=8, model="demo", mask_batches="8,64",
+              train_args=["--compile", "--compile-backend", "eager", "--largest", "--max-batch", "16",
+                          "--steps", "2", "--warmup", "1", "--rounds", "1"], e2e_steps=6, e2e_every=2)
 
 
 @dataclass
