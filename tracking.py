@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 log = logging.getLogger("tracking")
 OFFLINE_FILE = "mlflow-offline.jsonl"
+RUN_ID_FILE = "mlflow-run-id"  # written by sync when it created the run: a resumed run continues it
 
 
 def default_tracking_uri(runs_root: str | Path) -> str:
@@ -161,16 +162,20 @@ class Tracker:
                          "artifact_path": artifact_path})
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the run (FINISHED, FAILED or KILLED); offline, print how to sync."""
-        if self._online():
-            try:
-                self._client.set_terminated(self.run_id, status=status)
-            except Exception as err:
-                self._fail(err)
-        if self.offline:
-            self._write({"op": "end", "status": status})
-            log.warning("tracking: metrics were kept offline in %s; sync them with:\n  %s",
-                        self.offline_dir / OFFLINE_FILE, self.sync_command())
+        """End the run (FINISHED, FAILED or KILLED); offline, print how to sync. Never raises (it runs
+        in `finally` blocks, where an error would hide the one that ended the run)."""
+        try:
+            if self._online():
+                try:
+                    self._client.set_terminated(self.run_id, status=status)
+                except Exception as err:
+                    self._fail(err)
+            if self.offline:
+                self._write({"op": "end", "status": status})
+                log.warning("tracking: metrics were kept offline in %s; sync them with:\n  %s",
+                            self.offline_dir / OFFLINE_FILE, self.sync_command())
+        except OSError as err:
+            log.warning("tracking: could not record the end of the run (%s) in %s", err, self.offline_dir)
 
     def sync_command(self) -> str:
         """The command that replays the offline records into the tracking store."""
@@ -214,6 +219,7 @@ def sync(offline_dir: str | Path, uri: str | None = None) -> list[str]:
     client: MlflowClient | None = None
     run_id: str | None = None
     run_ids: list[str] = []
+    created = False
     for rec in records:
         op = rec["op"]
         if op == "start":
@@ -226,6 +232,7 @@ def sync(offline_dir: str | Path, uri: str | None = None) -> list[str]:
                 exp_id = exp.experiment_id if exp else client.create_experiment(
                     name, artifact_location=_artifact_location(uri or rec["uri"]))
                 run_id = client.create_run(exp_id, run_name=rec.get("run_name")).info.run_id
+                created = True
             client.update_run(run_id, status="RUNNING")
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec.get("tags", {}).items()])
             if run_id not in run_ids:
@@ -245,6 +252,8 @@ def sync(offline_dir: str | Path, uri: str | None = None) -> list[str]:
         elif op == "end":
             client.set_terminated(run_id, status=rec["status"])
     path.rename(path.with_name(f"mlflow-offline.synced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+    if created:
+        (offline_dir / RUN_ID_FILE).write_text(f"{run_id}\n")
     return run_ids
 
 

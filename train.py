@@ -40,9 +40,19 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import errors
+import run_lock
 import tracking
 from configs import Config, ConfigError, flatten, load_config, model_kwargs, to_dict, validate
 from model import MaskedAutoencoderViT, build_mae
+from model.checkpoint import (
+    CheckpointError,
+    check_same_model,
+    newest_good_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
 from noise import parse_schedule
 from pipelines import LoaderConfig, build_loader
 
@@ -63,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--resume", help="checkpoint or run folder (default: the run's checkpoint-last.pth)")
     parser.add_argument("--mlflow-uri", help="tracking server (same as log.mlflow_uri=...; default: "
                         "MLFLOW_TRACKING_URI, else SQLite in the runs root)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected failure (or COLORMAE_DEBUG=1)")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.loader:
@@ -109,11 +121,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write atomically: a crash mid-write never leaves a broken or half-new checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def run_folder(cfg: Config) -> Path:
+    return Path(cfg.log.runs_root) / (cfg.log.run_name or cfg.name)
 
 
 @torch.no_grad()
@@ -139,8 +148,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
         self.cfg, t = cfg, cfg.train
         self.rank, self.world, self.device = init_distributed(t.device)
-        self.run_dir = Path(cfg.log.runs_root) / (cfg.log.run_name or cfg.name)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_folder(cfg)
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(t.seed + self.rank)
 
@@ -170,6 +178,7 @@ class Trainer:
         self.step, self.sample = 0, None  # sample: a few training images for the reconstruction figure
         self.stop_signals: list[int] = []  # SIGTERM / SIGUSR1 received during fit()
         run_id = self.load(resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no run folder
         if t.compile:
             self.model.compile()
         self.ddp = self.model
@@ -194,7 +203,20 @@ class Trainer:
             if resume is not None:
                 raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            fallback = newest_good_checkpoint(self.run_dir) if resume is None else None
+            if fallback is None:
+                raise
+            if self.rank == 0:
+                aside = set_aside(path)
+                log.warning("%s: moved it to %s; continuing from %s", err, aside.name, fallback.name)
+            path, ckpt = fallback, read_checkpoint(fallback)
+        missing = sorted({"optimizer", "scaler", "epoch", "step", "loader", "rng"} - set(ckpt))
+        if missing:
+            raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
+        check_same_model(ckpt, self.model.model_args, path)
         if len(ckpt["loader"]) != self.world:
             raise ConfigError(f"{path} was written by {len(ckpt['loader'])} processes and this run has "
                               f"{self.world}: exact resume needs the same world size")
@@ -210,7 +232,8 @@ class Trainer:
         self.step = ckpt["step"]
         if self.rank == 0:
             log.info("resuming from %s at epoch %d, step %d", path, ckpt["epoch"], self.step)
-        return ckpt["mlflow_run_id"]
+        synced = self.run_dir / tracking.RUN_ID_FILE  # written by `tracking.py sync` of an offline run
+        return ckpt.get("mlflow_run_id") or (synced.read_text().strip() if synced.is_file() else None)
 
     def save(self, epoch: int, name: str) -> None:
         """Checkpoint (rank 0 writes; every rank's loader and RNG state is gathered into it)."""
@@ -383,16 +406,20 @@ def git_commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> nn.Module:
-    """Parse, validate before any compute, train; a config problem exits with one clear message."""
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+    """Parse, validate before any compute, lock the run folder, train.
+
+    An expected failure (bad config, data or checkpoint, run folder in use, disk full) exits with
+    one line (errors.reported); --debug or COLORMAE_DEBUG=1 shows the traceback instead.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg, args = parse_args(argv)
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-        with logging_redirect_tqdm():  # log lines go above the progress bar
-            return Trainer(cfg, args.resume).fit()
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from err
+        with errors.reported(errors.debug_requested(argv)):
+            cfg, args = parse_args(argv)
+            validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+            with run_lock.hold(run_folder(cfg)) if rank == 0 else nullcontext(), logging_redirect_tqdm():
+                return Trainer(cfg, args.resume).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,13 +22,27 @@ from typing import Any
 
 import yaml
 
+from errors import UserError
+
 LOADERS = ("torch", "dali", "ffcv")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the key, the bad value and what is allowed."""
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """Plain YAML values only: a syntax error or a tag such as !!python/... is a one-line ConfigError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        tags = " (tags such as !!python/... are not allowed)" if "constructor for the tag" in problem else ""
+        raise ConfigError(f"{where}{line}: {problem}{tags}") from None
 
 
 @dataclass
@@ -150,7 +167,7 @@ def _read_yaml(path: Path) -> dict:
     """Read a config file, following `base:` links (the base first, this file on top)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = _safe_yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     base = values.pop("base", None)
@@ -175,7 +192,7 @@ def parse_override(text: str) -> dict:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[parts[-1]] = _safe_yaml(raw, f"override '{text}'") if raw.strip() else None
     return nested
 
 
@@ -223,12 +240,25 @@ def model_kwargs(cfg: Config) -> dict:
     return {"img_size": cfg.data.img_size, "norm_pix_loss": cfg.model.norm_pix_loss, **cfg.model.args}
 
 
+def writable_problem(folder: str | Path) -> str | None:
+    """Why files cannot be created under `folder` (or the nearest existing folder above it), if so."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return None
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror or err})"
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every value before any compute; raise one ConfigError listing all problems."""
     import torch
 
     from model import PRESETS, build_mae
     from noise import MASK_TYPES, parse_schedule
+    from noise.bank import load_pattern_file
 
     problems: list[str] = []
     m, d, t, log = cfg.model, cfg.data, cfg.train, cfg.log
@@ -245,6 +275,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     has_beton = d.loader == "ffcv" and d.ffcv_path and Path(d.ffcv_path).is_file()
     if not has_beton and not Path(d.path).is_dir():
         problems.append(f"data.path '{d.path}' is not a folder (expected class sub-folders of images)")
+    elif not has_beton and not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(d.path)):
+        problems.append(f"data.path '{d.path}' has no class sub-folders (expected {d.path}/<class>/<image>)")
     if not 0.0 < cfg.mask.ratio < 1.0:
         problems.append(f"mask.ratio {cfg.mask.ratio} must lie strictly between 0 and 1")
     try:
@@ -256,8 +288,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"mask.schedule '{cfg.mask.schedule}' is invalid ({err}); use one of {', '.join(MASK_TYPES)} "
             "or colour@epoch pairs like green@0,blue@200"
         )
-    if cfg.mask.bank and not Path(cfg.mask.bank).is_file():
-        problems.append(f"mask.bank '{cfg.mask.bank}' does not exist")
+    if cfg.mask.bank:
+        try:
+            load_pattern_file(cfg.mask.bank)
+        except (OSError, ValueError) as err:
+            problems.append(f"mask.bank '{cfg.mask.bank}': {err}")
     if t.precision not in PRECISIONS:
         problems.append(f"train.precision '{t.precision}' is unknown; choose one of {', '.join(PRECISIONS)}")
     if t.device not in DEVICES:
@@ -277,10 +312,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         problems.append(f"train.betas {t.betas} must be two numbers in [0, 1)")
-    if t.base_lr <= 0:
-        problems.append(f"train.base_lr must be positive, got {t.base_lr}")
+    if not (math.isfinite(t.base_lr) and t.base_lr > 0):
+        problems.append(f"train.base_lr must be a positive finite number, got {t.base_lr}")
+    elif not (math.isfinite(t.min_lr) and 0 <= t.min_lr <= cfg.lr):
+        problems.append(f"train.min_lr must lie in [0, peak lr {cfg.lr:.3g}] (base_lr x batch_size / 256), "
+                        f"got {t.min_lr}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        problems.append(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    if t.clip_grad is not None and not (math.isfinite(t.clip_grad) and t.clip_grad >= 0):
+        problems.append(f"train.clip_grad must be a finite number >= 0 (0 or null: off), got {t.clip_grad}")
     if d.workers is not None and d.workers < 0:
         problems.append(f"data.workers must be >= 0 or null, got {d.workers}")
+    unwritable = writable_problem(log.runs_root)
+    if unwritable:
+        problems.append(f"log.runs_root '{log.runs_root}': {unwritable}")
     if log.every_steps < 1 or log.recon_every < 0:
         problems.append("log.every_steps must be >= 1 and log.recon_every >= 0")
     if problems:

@@ -84,12 +84,12 @@ def check_model_size(model_args: dict, preset: str) -> None:
 
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
     """Load a train.py checkpoint (weights only) and, if `expect_model` is given, check its size."""
+    from model import CheckpointError, read_checkpoint
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
-        raise ValueError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
+    checkpoint = read_checkpoint(path)  # a missing or unreadable file: a CheckpointError naming it
+    if "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
     checkpoint["path"] = str(path)
     if expect_model is not None:
         check_model_size(checkpoint["model_args"], expect_model)

@@ -209,4 +209,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    from errors import run_cli
+
+    run_cli(main)  # an expected failure is one line; --debug shows the traceback

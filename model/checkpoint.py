@@ -1,10 +1,17 @@
-"""Load MAE checkpoints and hand the encoder to timm's VisionTransformer (fine-tuning, evaluation).
+"""Read, write and recover MAE checkpoints; hand the encoder to timm's VisionTransformer.
 
 A checkpoint is a dict ``{"model": state_dict, "model_args": {...}}`` (the public MAE release
-has only ``model``; pass ``preset=`` for those). Mismatches raise a ValueError naming the keys
-and shapes instead of torch's size-mismatch dump.
+has only ``model``; pass ``preset=`` for those). An unreadable file (empty, truncated, random
+bytes, text, pickled objects) or a mismatch raises a CheckpointError naming the file, the keys
+and shapes instead of torch's traceback. `save_checkpoint` writes atomically, and
+`newest_good_checkpoint` finds what a run can fall back on when its checkpoint-last.pth is broken.
 """
 
+import logging
+import os
+import pickle
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +19,96 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from errors import RunFailure, UserError
 from model.mae import DEFAULTS, PRESETS, MaskedAutoencoderViT, build_mae
 
+log = logging.getLogger(__name__)
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 TIMM_HEAD_KEYS = ("head.", "attn_pool.")  # freshly initialised by timm, never in an MAE checkpoint
 
 
-def _read(path_or_dict: str | Path | dict) -> dict:
-    ckpt = path_or_dict if isinstance(path_or_dict, dict) else torch.load(
-        path_or_dict, map_location="cpu", weights_only=True)
-    if "model" not in ckpt:
-        raise ValueError(f"checkpoint has no 'model' entry; found keys {sorted(ckpt)[:10]}")
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used: unreadable, or for another model or run."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load(weights_only=True) of a checkpoint dict with a 'model' entry, or a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # torch.save writes a zip archive
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive: text or random "
+                                  "bytes?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds pickled Python objects; refused (only tensors and plain "
+                              "containers are loaded)") from None
+    except Exception as err:  # torch reports a broken archive as RuntimeError, EOFError, KeyError, ...
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {reason})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path} has no 'model' entry; found {found}")
     return ckpt
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write atomically: a crash or a full disk mid-write leaves the previous file and no temp file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            kept = f"; the last good {path.name} is kept" if path.is_file() else ""
+            raise RunFailure(f"could not save {path}: {err.strerror or err}{kept}") from err
+        raise
+
+
+def check_same_model(ckpt: dict, model_args: dict[str, Any], path: str | Path) -> None:
+    """Raise a CheckpointError when the checkpoint was written by another architecture."""
+    stored = ckpt.get("model_args")
+    if stored is not None and dict(stored) != dict(model_args):
+        differ = sorted(k for k in {**stored, **model_args} if stored.get(k) != model_args.get(k))
+        shown = ", ".join(f"{k} {stored.get(k)} vs {model_args.get(k)}" for k in differ[:6])
+        raise CheckpointError(f"{path} holds another model than this run builds ({shown}); "
+                              "use the config it was trained with, or another log.run_name")
+
+
+def newest_good_checkpoint(run_dir: Path) -> Path | None:
+    """The readable checkpoint-<epoch>.pth of the highest epoch in `run_dir`, if any."""
+    numbered = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pth")
+                if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name))]
+    for _, path in sorted(numbered, reverse=True):
+        try:
+            read_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            log.warning("%s", err)
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a broken file to <name>.corrupt-<time> (kept for inspection); returns the new path."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
+def _read(path_or_dict: str | Path | dict) -> dict:
+    if not isinstance(path_or_dict, dict):
+        return read_checkpoint(path_or_dict)
+    if "model" not in path_or_dict:
+        raise CheckpointError(f"checkpoint has no 'model' entry; found keys {sorted(path_or_dict)[:10]}")
+    return path_or_dict
 
 
 def _model_args(ckpt: dict, preset: str | None) -> dict[str, Any]:

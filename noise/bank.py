@@ -119,6 +119,9 @@ def pattern_bank(
 
 def _first_array(path: Path) -> tuple[str, np.ndarray]:
     """Name and contents of the first array in an npz archive."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # a zip archive; np.load would try anything else as a pickle
+            raise ValueError("not an npz archive (no zip header)")
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError("not an npz archive")

@@ -93,6 +93,8 @@ def write_in_subprocess(src: Path, out: Path, workers: int) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "pipelines.prepare", "ffcv", "--src", str(src), "--out", str(out)]
     subprocess.run([*command, "--workers", str(workers or os.cpu_count())], check=True, env=env)
+    log.warning("wrote %s (%.1f MB); data.ffcv_path=PATH or COLORMAE_CACHE=DIR puts .beton files on "
+                "another disk", out, out.stat().st_size / 2**20)
 
 
 class SharedOrder(TraversalOrder):
@@ -111,8 +113,9 @@ class SharedOrder(TraversalOrder):
 
 
 class FFCVLoader(BaseLoader):
-    """ffcv Loader over `cfg.ffcv_path`, or over a .beton written once from `cfg.data` into its cache
-    folder (named by the manifest's signature, so a changed folder gets a new file)."""
+    """ffcv Loader over `cfg.ffcv_path` (written there from `cfg.data` when missing), or over a .beton
+    written once from `cfg.data` into its cache folder (named by the manifest's signature, so a
+    changed folder gets a new file)."""
 
     def __init__(self, cfg):
         manifest = scan(cfg.data, workers=cfg.workers or None) if cfg.data else None

@@ -2,11 +2,12 @@
 
 The scan decodes each file once, sorts it into *good* (usable as is), *converted* (a CMYK, palette,
 RGBA, ... image re-saved as an RGB PNG in the cache folder, so every backend's decoder reads it)
-or *skipped* (zero-byte, truncated, not an image, unsupported mode). The result is cached as a
-small TSV next to the data (``<root>/.colormae/``) or, when the data folder is read-only, under
-``$XDG_CACHE_HOME/colormae/``; later scans only re-check files whose size or mtime changed.
-Concurrent scans of one folder (the ranks of a torchrun job) take turns on a lock file in the
-cache folder: the first validates, the others find its result cached.
+or *skipped* (zero-byte, truncated, not an image, unsupported mode, smaller than MIN_SIDE pixels,
+a dangling symlink or a symlink loop). Class folders without a usable image are not classes (a
+warning names them; labels stay dense). Nothing is written into the data folder: the result is
+cached as a small TSV in the user cache (`cache_dir_for`), and later scans only re-check files
+whose size or mtime changed. Concurrent scans of one folder (the ranks of a torchrun job) take
+turns on a lock file in the cache folder: the first validates, the others find its result cached.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,13 +24,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CONVERTIBLE_MODES = ("RGB", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "1")
-CACHE_NAME = ".colormae"
+MIN_SIDE = 2  # pixels: every backend's evaluation centre crop of a smaller image is empty
 _MANIFEST_FILE = "manifest.tsv"
-_VERSION = "colormae-manifest-v1"
+_VERSION = "colormae-manifest-v2"
 
 
 @dataclass
@@ -58,24 +60,28 @@ class Manifest:
         return digest.hexdigest()[:12]
 
 
+def cache_root() -> Path:
+    """``$COLORMAE_CACHE``, else ``$XDG_CACHE_HOME/colormae``, else ``~/.cache/colormae``."""
+    if os.environ.get("COLORMAE_CACHE"):
+        return Path(os.environ["COLORMAE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "colormae"
+
+
 def cache_dir_for(root: Path) -> Path:
-    """The writable cache folder for `root`: inside it when possible, else in the user cache."""
-    local = root / CACHE_NAME
-    try:
-        local.mkdir(exist_ok=True)
-        with tempfile.TemporaryFile(dir=local):  # a uniquely named probe: concurrent callers cannot clash
-            return local
-    except OSError:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colormae"
-        fallback = base / hashlib.sha1(str(root).encode()).hexdigest()[:16]
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+    """The cache folder of the data folder `root` (an absolute path): `<cache root>/data/<name>-<hash>`.
+
+    Never inside `root`, which may be read-only or shared with other tools.
+    """
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    folder = cache_root() / "data" / f"{root.name}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _list_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names and (relative path, label) of every image-named file, in sorted order."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (expected {root}/<class>/<image>)")
+        raise DataError(f"data folder {root} does not exist (expected {root}/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     items = []
     for label, name in enumerate(classes):
@@ -88,7 +94,7 @@ def _list_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
             ]
     if not items:
-        raise FileNotFoundError(
+        raise DataError(
             f"no images found in {root}: expected class folders {root}/<class>/<image> "
             f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
@@ -104,6 +110,8 @@ def _check(path: Path, converted: Path) -> tuple[str, str]:
             if img.mode not in CONVERTIBLE_MODES:
                 return "bad", f"unsupported mode {img.mode} (allowed: {', '.join(CONVERTIBLE_MODES)})"
             img.load()  # a full decode: truncated or corrupt data raises here
+            if min(img.size) < MIN_SIDE:
+                return "bad", f"too small ({img.width} x {img.height}; at least {MIN_SIDE} pixels a side)"
             if img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L"):
                 return "ok", ""
             converted.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,11 @@ def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: in
     entries: dict[str, tuple[str, str, str, str]] = {}
     todo = []
     for rel, _ in items:
-        st = os.stat(root / rel)
+        try:
+            st = os.stat(root / rel)
+        except OSError as err:  # a dangling symlink, a symlink loop, no permission
+            entries[rel] = ("", "", "bad", f"unreadable ({err.strerror})")
+            continue
         size, mtime = str(st.st_size), str(st.st_mtime_ns)
         cached = old.get(rel)
         if cached and cached[:2] == (size, mtime) and (cached[2] != "convert" or Path(cached[3]).exists()):
@@ -172,7 +184,8 @@ def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: in
 def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
     """Validate every image under `root` (cached), log and return the skipped ones.
 
-    Raises FileNotFoundError with the expected layout when `root` is missing or holds no images.
+    Raises DataError (a FileNotFoundError) with the expected layout when `root` is missing or
+    holds no usable image.
     """
     root = Path(root).expanduser().resolve()
     classes, items = _list_files(root)
@@ -180,18 +193,23 @@ def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
     with exclusive(cache / "manifest.lock"):
         entries = _validate(root, items, cache, workers)
 
-    manifest = Manifest(root=root, classes=classes, cache_dir=cache)
-    for rel, label in items:
+    good = [(rel, label) for rel, label in items if entries[rel][2] != "bad"]
+    used = sorted({label for _, label in good})
+    if len(used) < len(classes):
+        unused = [name for label, name in enumerate(classes) if label not in used]
+        log.warning("%d class folders of %s hold no usable image and are not classes: %s", len(unused), root,
+                    ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""))
+    dense = {label: index for index, label in enumerate(used)}  # labels 0..C-1 over the real classes
+    manifest = Manifest(root=root, classes=[classes[label] for label in used], cache_dir=cache)
+    manifest.skipped = [(rel, entries[rel][3]) for rel, _ in items if entries[rel][2] == "bad"]
+    for rel, label in good:
         _, _, status, detail = entries[rel]
-        if status == "bad":
-            manifest.skipped.append((rel, detail))
-        else:
-            manifest.files.append(detail if status == "convert" else str(root / rel))
-            manifest.labels.append(label)
+        manifest.files.append(detail if status == "convert" else str(root / rel))
+        manifest.labels.append(dense[label])
     if manifest.skipped:
         shown = "; ".join(f"{rel}: {reason}" for rel, reason in manifest.skipped[:10])
         more = f" (and {manifest.num_skipped - 10} more)" if manifest.num_skipped > 10 else ""
         log.warning("skipped %d of %d files in %s: %s%s", manifest.num_skipped, len(items), root, shown, more)
     if not manifest.files:
-        raise FileNotFoundError(f"no readable images in {root}: all {len(items)} files were skipped")
+        raise DataError(f"no usable images in {root}: all {len(items)} files were skipped")
     return manifest

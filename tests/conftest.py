@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_caches_in_a_temporary_folder(tmp_path_factory):
+    """Manifests and .beton files of the tests' folders go to a folder deleted with the session
+    (pattern banks stay in their own cache: COLORMAE_CACHE is left as it is)."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _no_outside_tracking_server(monkeypatch):
     """Tests use their own MLflow stores, never a server named in the caller's environment."""

@@ -97,7 +97,7 @@ def test_manifest_reports_bad_files_and_converts_odd_modes(folder):
 
 
 def test_ffcv_beton_records_classes_and_skips(folder, eval_epochs):
-    (meta,) = (folder / ".colormae").glob("ffcv-*.beton.json")
+    (meta,) = scan(folder).cache_dir.glob("ffcv-*.beton.json")
     expected = {"classes": ["class0", "class1", "class2"], "num_skipped": BAD_FILES}
     assert json.loads(meta.read_text()) == expected
 

@@ -1,0 +1,391 @@
+"""Fault injection: bad files, bad configs, broken checkpoints, a busy run folder, a full or read-only
+disk, kill -9. Each fault must cost one clear line (or a logged skip with a count), never a
+traceback, a lost checkpoint, a half-written file or a run folder left behind.
+
+Items refer to issue 11. Training runs use the demo model cut to one block on 48 random images.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+import tracking
+import train
+from model.checkpoint import read_checkpoint, save_checkpoint
+from pipelines import LoaderConfig, build_loader, scan
+
+# ffcv's numba-compiled pipelines raise a harmless KeyError in numba's finalizer at garbage collection.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.workers=0",
+        "train.warmup_epochs=1", "log.every_steps=1"]
+SKIPPED = {"a/one.jpg": "too small", "b/dangling.jpg": "No such file", "b/loop.jpg": "symbolic links",
+           "c/notes.jpg": "not an image"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh user cache for this test (COLORMAE_CACHE)."""
+    monkeypatch.setenv("COLORMAE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory) -> Path:
+    """Classes a and b of 40x48 JPEGs with a 2x2 image (kept), a 1x1 image, a dangling symlink and a
+    symlink loop (skipped); `c` holds only a bad file and `empty` nothing: neither is a class."""
+    root = tmp_path_factory.mktemp("faulty")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c", "empty"):
+        (root / name).mkdir()
+    for name in ("a", "b"):
+        for index in range(8):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.jpg")
+    Image.fromarray(rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)).save(root / "a" / "two.jpg")
+    Image.fromarray(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)).save(root / "a" / "one.jpg")
+    (root / "b" / "dangling.jpg").symlink_to(root / "gone.jpg")
+    (root / "b" / "loop.jpg").symlink_to(root / "b" / "loop.jpg")
+    (root / "c" / "notes.jpg").write_text("not an image\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, random_image_folder) -> Path:
+    """48 random 32x32 PNGs in two class folders: 6 batches of 8 per epoch."""
+    return random_image_folder(tmp_path_factory.mktemp("images") / "train", 24)
+
+
+def args(images: Path, runs: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "demo.yaml"), f"data.path={images}", f"log.runs_root={runs}",
+            *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, images) -> Path:
+    """A finished 1-epoch run folder without MLflow (checkpoint-1.pth and checkpoint-last.pth)."""
+    runs = tmp_path_factory.mktemp("trained")
+    train.main(args(images, runs, "train.epochs=1", "log.mlflow=false"))
+    return runs / "demo"
+
+
+def fails_in_one_line(argv: list[str], capsys, code: int = 2) -> str:
+    """Run train.main(argv), expect SystemExit(code) and exactly one stderr line; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        train.main(argv)
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert err.value.code == code, stderr
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return str(err.value)
+
+
+def nothing_left(runs: Path) -> None:
+    """No run folder and no MLflow store: the run never started."""
+    assert not (runs / "demo").exists() and not (runs / "mlflow.db").exists()
+
+
+# -- items 1-3: the data folder ------------------------------------------------------------------
+def test_item1_dangling_symlinks_and_loops_are_skipped_and_counted(faulty, cache):
+    reasons = dict(scan(faulty).skipped)
+    assert "No such file" in reasons[str(Path("b/dangling.jpg"))]
+    assert "symbolic links" in reasons[str(Path("b/loop.jpg"))]
+
+
+def test_item2_images_too_small_to_crop_are_skipped_not_fatal(faulty, cache):
+    manifest = scan(faulty)
+    assert "too small (1 x 1" in dict(manifest.skipped)[str(Path("a/one.jpg"))]
+    assert str(faulty / "a" / "two.jpg") in manifest.files  # 2 x 2 still has a centre crop
+
+
+def test_item3_class_folders_without_images_are_not_classes(faulty, cache, caplog):
+    with caplog.at_level(logging.WARNING):
+        manifest = scan(faulty)
+    assert manifest.classes == ["a", "b"] and sorted(set(manifest.labels)) == [0, 1]
+    assert "hold no usable image and are not classes: c, empty" in caplog.text
+    assert {rel: reason for rel, reason in manifest.skipped}.keys() == {str(Path(p)) for p in SKIPPED}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_mode", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
+def test_items1to3_every_backend_reads_the_faulty_folder(faulty, cache, backend, train_mode):
+    loader = build_loader(LoaderConfig(loader=backend, data=str(faulty), img_size=32, patch_size=8,
+                                       batch_size=4, workers=1, train=train_mode, mask="green"))
+    labels = torch.cat([batch["labels"] for batch in loader])
+    assert loader.num_skipped == len(SKIPPED) and loader.classes == ["a", "b"]
+    assert len(labels) == (16 if train_mode else 17)  # 17 good images; training drops the last partial batch
+    assert set(labels.tolist()) == {0, 1}
+
+
+# -- items 4 and 5: one line instead of a traceback ----------------------------------------------
+def test_item4_data_and_yaml_problems_are_one_line(images, tmp_path, capsys, cache):
+    runs = tmp_path / "runs"
+    (tmp_path / "no-images" / "a").mkdir(parents=True)
+    assert "no images found in" in fails_in_one_line(args(tmp_path / "no-images", runs), capsys)
+    (tmp_path / "all-bad" / "a").mkdir(parents=True)
+    (tmp_path / "all-bad" / "a" / "x.jpg").write_text("text")
+    assert "no usable images in" in fails_in_one_line(args(tmp_path / "all-bad", runs), capsys)
+    nothing_left(runs)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1\n")
+    assert f"config file {bad}, line 3" in fails_in_one_line(["--config", str(bad)], capsys)
+    marker = tmp_path / "executed"
+    bad.write_text(f"train:\n  epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert "tags such as !!python/" in fails_in_one_line(["--config", str(bad)], capsys)
+    override = f"train.epochs=!!python/object/apply:os.system ['touch {marker}']"
+    message = fails_in_one_line(args(images, runs, override), capsys)
+    assert "override 'train.epochs=" in message and "tags such as !!python/" in message
+    assert not marker.exists()
+
+
+def test_item4_bad_mask_bank_is_named_by_its_key_before_the_data_scan(images, tmp_path, capsys, cache):
+    bank = tmp_path / "bank.npz"
+    bank.write_bytes(os.urandom(256))
+    message = fails_in_one_line(args(images, tmp_path, f"mask.bank={bank}"), capsys)
+    assert f"mask.bank '{bank}'" in message and "not an npz archive" in message
+    assert "pickled" not in message
+    assert not (cache / "data").exists()  # stopped before the scan
+
+
+def corrupt(kind: str, good: bytes) -> bytes:
+    return {"truncated": good[: len(good) // 2], "random": os.urandom(4096), "text": b"hello\n",
+            "empty": b""}[kind]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "text", "empty"])
+def test_item4_resume_from_a_broken_checkpoint_is_one_line(trained, tmp_path, capsys, kind, images):
+    bad = tmp_path / "checkpoint-last.pth"
+    bad.write_bytes(corrupt(kind, (trained / "checkpoint-last.pth").read_bytes()))
+    runs = tmp_path / "runs"
+    message = fails_in_one_line(args(images, runs, "--resume", str(bad), "log.mlflow=false"), capsys)
+    assert str(bad) in message
+    nothing_left(runs)
+
+
+def test_item4_resume_with_another_model_size_is_one_line(trained, tmp_path, capsys, images):
+    argv = args(images, tmp_path, "--resume", str(trained), "model.args={depth: 2, decoder_depth: 1}")
+    message = fails_in_one_line(argv, capsys)
+    assert "holds another model than this run builds (depth 1 vs 2)" in message
+    nothing_left(tmp_path)
+
+
+@pytest.mark.slow
+def test_item4_eval_commands_and_debug_flag(images, tmp_path):
+    """Real processes: exit code 2 and one line; --debug (or COLORMAE_DEBUG=1) shows the traceback."""
+    def run(*command: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+
+    missing = tmp_path / "missing.pth"
+    nan_lr = ["train.py", *args(images, tmp_path, "train.base_lr=.nan")]
+    for done, expected in [
+        (run("-m", "eval.knn", "--checkpoint", str(missing), "--data", str(images)),
+         f"error: checkpoint {missing} does not exist"),
+        (run("-m", "eval.compare", "--experiment", "nope", "--uri", f"sqlite:///{tmp_path}/m.db",
+             "--out", str(tmp_path / "compare")), "error: no MLflow experiment 'nope'"),
+        (run(*nan_lr), "train.base_lr must be a positive finite number, got nan"),
+    ]:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert len(errors) == 1 and expected in done.stderr, done.stderr
+    for debug in (run(*nan_lr, "--debug"), run(*nan_lr, COLORMAE_DEBUG="1")):
+        assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.base_lr" in debug.stderr
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.base_lr=.nan", "train.base_lr"), ("train.base_lr=.inf", "train.base_lr"),
+    ("train.weight_decay=-0.1", "train.weight_decay"), ("train.clip_grad=-1", "train.clip_grad"),
+    ("train.min_lr=1.0", "train.min_lr"),
+])
+def test_item5_non_finite_and_negative_optimiser_values_are_refused(images, tmp_path, capsys, override, key):
+    assert f"{key} must" in fails_in_one_line(args(images, tmp_path, override), capsys)
+    nothing_left(tmp_path)
+
+
+# -- item 6: a corrupt checkpoint-last.pth on a plain rerun ----------------------------------------
+def test_item6_corrupt_last_checkpoint_falls_back_to_the_newest_good_one(trained, tmp_path, images, caplog):
+    run_dir = tmp_path / "demo"
+    shutil.copytree(trained, run_dir)
+    last = run_dir / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        train.main(args(images, tmp_path, "train.epochs=2", "log.mlflow=false"))
+    assert "is unreadable" in caplog.text and "continuing from checkpoint-1.pth" in caplog.text
+    assert len(list(run_dir.glob("checkpoint-last.pth.corrupt-*"))) == 1  # kept aside
+    assert (read_checkpoint(last)["epoch"], read_checkpoint(last)["step"]) == (2, 12)
+
+
+# -- item 7: a run that started offline continues the run that sync created -----------------------
+@pytest.mark.slow
+def test_item7_resume_after_sync_continues_the_same_mlflow_run(images, tmp_path):
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens
+    train.main(args(images, tmp_path, "train.epochs=1", f"--mlflow-uri={dead}"))
+    run_dir = tmp_path / "demo"
+    assert read_checkpoint(run_dir / "checkpoint-last.pth")["mlflow_run_id"] is None
+    uri = tracking.default_tracking_uri(tmp_path)
+    [run_id] = tracking.sync(run_dir, uri)
+    train.main(args(images, tmp_path, "train.epochs=2", f"--mlflow-uri={uri}"))
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.run_id for run in runs] == [run_id]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 13))
+
+
+# -- item 8: two trainings into one run folder -----------------------------------------------------
+@pytest.mark.slow
+def test_item8_second_training_into_a_busy_run_folder_stops_naming_the_first(images, tmp_path, capsys):
+    argv = args(images, tmp_path, "train.epochs=50", "log.mlflow=false")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, text=True,
+                             stderr=subprocess.PIPE)
+    try:
+        for line in first.stderr:
+            if " step 1 (" in line:
+                break
+        message = fails_in_one_line(argv, capsys)
+        assert f"is in use by pid {first.pid} on host " in message
+    finally:
+        first.send_signal(signal.SIGTERM)  # saves and exits 0
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+
+
+# -- item 9: disk full while saving -----------------------------------------------------------------
+def test_item9_disk_full_while_saving_keeps_the_last_good_checkpoint(images, tmp_path, capsys, monkeypatch):
+    train.main(args(images, tmp_path, "train.epochs=1"))
+    run_dir = tmp_path / "demo"
+    last = run_dir / "checkpoint-last.pth"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    real_save = torch.save
+
+    def save_until_full(obj, f, *rest, **kwargs):  # half the bytes reach the file, then ENOSPC
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(f, "wb") if isinstance(f, str | Path) else nullcontext(f) as out:
+            out.write(buffer.getvalue()[: buffer.tell() // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    message = fails_in_one_line(args(images, tmp_path, "train.epochs=2"), capsys, code=1)
+    assert f"could not save {last}: No space left on device; the last good checkpoint-last.pth is kept" \
+        in message
+    assert not list(run_dir.glob("*.tmp")) and hashlib.sha256(last.read_bytes()).hexdigest() == digest
+    run_id = read_checkpoint(last)["mlflow_run_id"]
+    assert MlflowClient(tracking.default_tracking_uri(tmp_path)).get_run(run_id).info.status == "FAILED"
+
+
+def test_item9_tracker_close_never_raises(tmp_path, caplog, monkeypatch):
+    tracker = tracking.Tracker(tracking.default_tracking_uri(tmp_path), "close", offline_dir=tmp_path)
+
+    def store_down(*_args, **_kwargs):
+        raise ConnectionError("store down")
+
+    def disk_full(_record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tracker._client, "set_terminated", store_down)
+    monkeypatch.setattr(tracker, "_write", disk_full)
+    with caplog.at_level(logging.WARNING):
+        tracker.close("FAILED")
+    assert "could not record the end of the run" in caplog.text
+
+
+# -- item 10: a read-only runs folder ---------------------------------------------------------------
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A folder nobody can write to: chmod for a normal user, a read-only tmpfs for root."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("running as root without permission to mount a read-only tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_item10_read_only_runs_folder_is_found_before_any_work(images, read_only, capsys, cache):
+    message = fails_in_one_line(args(images, read_only / "runs"), capsys)
+    assert f"log.runs_root '{read_only / 'runs'}': {read_only} is not writable (Read-only" in message \
+        or "Permission denied" in message
+    assert not (cache / "data").exists()  # stopped before the data scan
+
+
+# -- item 11: caches stay out of the data folder -------------------------------------------------
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+def test_item11_scan_and_ffcv_write_nothing_into_the_data_folder(tmp_path, cache, random_image_folder, caplog):
+    data = random_image_folder(tmp_path / "data", 4)
+    before = tree(data)
+    manifest = scan(data)
+    with caplog.at_level(logging.WARNING):
+        build_loader(LoaderConfig(loader="ffcv", data=str(data), img_size=32, patch_size=8, batch_size=4,
+                                  workers=1, train=False, mask=None))
+    assert tree(data) == before
+    assert len(ImageFolder(str(data))) == 8  # other tools still read the folder
+    assert manifest.cache_dir.parent == cache / "data" and manifest.cache_dir.name.startswith("data-")
+    [beton] = manifest.cache_dir.glob("ffcv-*.beton")
+    assert f"wrote {beton} (" in caplog.text and " MB)" in caplog.text
+
+
+def test_item11_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    from pipelines.manifest import cache_dir_for, cache_root
+
+    monkeypatch.delenv("COLORMAE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "colormae"
+    monkeypatch.setenv("COLORMAE_CACHE", str(tmp_path / "mine"))
+    one, other = cache_dir_for(tmp_path / "x" / "train"), cache_dir_for(tmp_path / "y" / "train")
+    assert one.parent == other.parent == tmp_path / "mine" / "data" and one != other
+
+
+# -- kill -9 between the temp write and the rename -------------------------------------------------
+def test_kill_between_temp_write_and_rename_keeps_the_last_good_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    child = (f"import os, signal, sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from model import checkpoint\n"
+             "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+             f"checkpoint.save_checkpoint({{'model': {{'w': torch.ones(3)}}}}, checkpoint.Path({str(path)!r}))\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (tmp_path / "checkpoint-last.pth.tmp").is_file()  # killed after the write, before the rename
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.zeros(3))
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)  # the next save replaces the leftover
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3)) and len(list(tmp_path.iterdir())) == 1
