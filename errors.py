@@ -43,7 +43,7 @@ def debug_requested(argv: list[str] | None = None) -> bool:
 
 def summary(err: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> tuple[int, str] | None:
     """(exit code, one-line message) for an expected failure, None for anything else (a bug)."""
-    if isinstance(err, UserError | user_errors):
+    if isinstance(err, (UserError, *user_errors)):
         return USER_ERROR, str(err)
     if isinstance(err, RunFailure):
         return RUNTIME_FAILURE, str(err)

@@ -133,10 +133,18 @@ def test_item3_class_folders_without_images_are_not_classes(faulty, cache, caplo
     assert {rel: reason for rel, reason in manifest.skipped}.keys() == {str(Path(p)) for p in SKIPPED}
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """One user cache for the backend tests: the .beton of the faulty folder is written once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLORMAE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("train_mode", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
-def test_items1to3_every_backend_reads_the_faulty_folder(faulty, cache, backend, train_mode):
+def test_items1to3_every_backend_reads_the_faulty_folder(faulty, module_cache, backend, train_mode):
     loader = build_loader(LoaderConfig(loader=backend, data=str(faulty), img_size=32, patch_size=8,
                                        batch_size=4, workers=1, train=train_mode, mask="green"))
     labels = torch.cat([batch["labels"] for batch in loader])
@@ -198,27 +206,43 @@ def test_item4_resume_with_another_model_size_is_one_line(trained, tmp_path, cap
     nothing_left(tmp_path)
 
 
-@pytest.mark.slow
-def test_item4_eval_commands_and_debug_flag(images, tmp_path):
-    """Real processes: exit code 2 and one line; --debug (or COLORMAE_DEBUG=1) shows the traceback."""
-    def run(*command: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+def test_item4_eval_commands_are_one_line(tmp_path, images, capsys, monkeypatch):
+    from errors import run_cli
+    from eval import compare, knn
 
     missing = tmp_path / "missing.pth"
-    nan_lr = ["train.py", *args(images, tmp_path, "train.base_lr=.nan")]
-    for done, expected in [
-        (run("-m", "eval.knn", "--checkpoint", str(missing), "--data", str(images)),
-         f"error: checkpoint {missing} does not exist"),
-        (run("-m", "eval.compare", "--experiment", "nope", "--uri", f"sqlite:///{tmp_path}/m.db",
-             "--out", str(tmp_path / "compare")), "error: no MLflow experiment 'nope'"),
-        (run(*nan_lr), "train.base_lr must be a positive finite number, got nan"),
+    store = f"sqlite:///{tmp_path}/m.db"
+    for main, argv, expected in [
+        (knn.main, ["--checkpoint", str(missing), "--data", str(images)],
+         f"checkpoint {missing} does not exist"),
+        (compare.main, ["--experiment", "nope", "--uri", store, "--out", str(tmp_path)], "experiment 'nope'"),
     ]:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert len(errors) == 1 and expected in done.stderr, done.stderr
-    for debug in (run(*nan_lr, "--debug"), run(*nan_lr, COLORMAE_DEBUG="1")):
-        assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.base_lr" in debug.stderr
+        monkeypatch.setattr(sys, "argv", ["eval", *argv])
+        with pytest.raises(SystemExit) as err:
+            run_cli(main)
+        stderr = capsys.readouterr().err
+        assert err.value.code == 2 and "Traceback" not in stderr, stderr
+        assert stderr.splitlines()[-1].startswith("error: ") and expected in stderr.splitlines()[-1], stderr
+
+
+def test_item4_debug_shows_the_traceback(images, tmp_path, monkeypatch):
+    from configs import ConfigError
+
+    argv = args(images, tmp_path, "train.base_lr=.nan")
+    with pytest.raises(ConfigError, match=r"train\.base_lr"):
+        train.main([*argv, "--debug"])
+    monkeypatch.setenv("COLORMAE_DEBUG", "1")
+    with pytest.raises(ConfigError, match=r"train\.base_lr"):
+        train.main(argv)
+
+
+@pytest.mark.slow
+def test_item4_a_real_process_exits_2_with_one_line(images, tmp_path):
+    command = [sys.executable, "train.py", *args(images, tmp_path, "train.base_lr=.nan")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and done.stderr == (
+        "error: invalid configuration:\n  - train.base_lr must be a positive finite number, got nan\n")
 
 
 @pytest.mark.parametrize(("override", "key"), [
@@ -350,7 +374,8 @@ def tree(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_item11_scan_and_ffcv_write_nothing_into_the_data_folder(tmp_path, cache, random_image_folder, caplog):
+def test_item11_scan_and_ffcv_write_nothing_into_the_data_folder(tmp_path, cache, random_image_folder,
+                                                                  caplog):
     data = random_image_folder(tmp_path / "data", 4)
     before = tree(data)
     manifest = scan(data)
@@ -382,10 +407,12 @@ def test_kill_between_temp_write_and_rename_keeps_the_last_good_checkpoint(tmp_p
     child = (f"import os, signal, sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
              "from model import checkpoint\n"
              "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-             f"checkpoint.save_checkpoint({{'model': {{'w': torch.ones(3)}}}}, checkpoint.Path({str(path)!r}))\n")
+             f"checkpoint.save_checkpoint({{'model': {{'w': torch.ones(3)}}}},\n"
+             f"                           checkpoint.Path({str(path)!r}))\n")
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert (tmp_path / "checkpoint-last.pth.tmp").is_file()  # killed after the write, before the rename
     assert torch.equal(read_checkpoint(path)["model"]["w"], torch.zeros(3))
     save_checkpoint({"model": {"w": torch.ones(3)}}, path)  # the next save replaces the leftover
-    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3)) and len(list(tmp_path.iterdir())) == 1
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]
