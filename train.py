@@ -45,14 +45,7 @@ import run_lock
 import tracking
 from configs import Config, ConfigError, flatten, load_config, model_kwargs, to_dict, validate
 from model import MaskedAutoencoderViT, build_mae
-from model.checkpoint import (
-    CheckpointError,
-    check_same_model,
-    newest_good_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-    set_aside,
-)
+from model.checkpoint import read_training_checkpoint, save_checkpoint
 from noise import parse_schedule
 from pipelines import LoaderConfig, build_loader
 
@@ -203,20 +196,9 @@ class Trainer:
             if resume is not None:
                 raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
             return None
-        try:
-            ckpt = read_checkpoint(path)
-        except CheckpointError as err:
-            fallback = newest_good_checkpoint(self.run_dir) if resume is None else None
-            if fallback is None:
-                raise
-            if self.rank == 0:
-                aside = set_aside(path)
-                log.warning("%s: moved it to %s; continuing from %s", err, aside.name, fallback.name)
-            path, ckpt = fallback, read_checkpoint(fallback)
-        missing = sorted({"optimizer", "scaler", "epoch", "step", "loader", "rng"} - set(ckpt))
-        if missing:
-            raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
-        check_same_model(ckpt, self.model.model_args, path)
+        # a broken checkpoint-last.pth on a plain rerun: continue from the newest good checkpoint-<epoch>.pth
+        path, ckpt = read_training_checkpoint(path, self.model.model_args, recover=resume is None,
+                                              keep=self.rank == 0)
         if len(ckpt["loader"]) != self.world:
             raise ConfigError(f"{path} was written by {len(ckpt['loader'])} processes and this run has "
                               f"{self.world}: exact resume needs the same world size")

@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,41 @@ def newest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a broken file to <name>.corrupt-<time> (kept for inspection); returns the new path."""
+def keep_aside(path: Path) -> Path:
+    """Keep a broken file as <name>.corrupt-<time> for inspection; returns that path.
+
+    A hard link (a copy where links are not supported): the original name stays readable for the
+    other ranks until the next save replaces it.
+    """
     aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(path, aside)
+    try:
+        os.link(path, aside)
+    except OSError:
+        shutil.copyfile(path, aside)
     return aside
+
+
+def read_training_checkpoint(path: Path, model_args: dict[str, Any], *, recover: bool = False,
+                             keep: bool = True) -> tuple[Path, dict]:
+    """(path, checkpoint) of a train.py checkpoint to resume a model built with `model_args`.
+
+    recover: when `path` is unreadable, continue from the newest good checkpoint-<epoch>.pth of its
+    folder instead, keeping the broken file aside (when `keep`: one rank does it) and saying so.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as err:
+        fallback = newest_good_checkpoint(path.parent) if recover else None
+        if fallback is None:
+            raise
+        if keep:
+            log.warning("%s: kept it as %s; continuing from %s", err, keep_aside(path).name, fallback.name)
+        path, ckpt = fallback, read_checkpoint(fallback)
+    missing = sorted({"optimizer", "scaler", "epoch", "step", "loader", "rng"} - set(ckpt))
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
+    check_same_model(ckpt, model_args, path)
+    return path, ckpt
 
 
 def _read(path_or_dict: str | Path | dict) -> dict:
