@@ -115,6 +115,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def run_folder(cfg: Config) -> Path:
+    """<log.runs_root>/<log.run_name, else the config file's name>."""
     return Path(cfg.log.runs_root) / (cfg.log.run_name or cfg.name)
 
 

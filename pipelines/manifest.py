@@ -189,6 +189,9 @@ def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
     """
     root = Path(root).expanduser().resolve()
     classes, items = _list_files(root)
+    if (root / ".colormae").is_dir():
+        log.warning("%s/.colormae is an old cache folder, no longer used: delete it (tools such as "
+                    "torchvision's ImageFolder take it for a class)", root)
     cache = cache_dir_for(root)
     with exclusive(cache / "manifest.lock"):
         entries = _validate(root, items, cache, workers)
