@@ -14,6 +14,10 @@ One process per visible GPU, or one CPU process when the node has none. Environm
     ENTRYPOINT_DRY_RUN=1   print the command instead of running it
 
 Node ranks are assigned by the c10d rendezvous, so nodes need no NODE_RANK.
+
+Stopping: SIGTERM (`docker stop`) and SIGUSR1 (SLURM's time limit) go straight to the trainers,
+which finish their step, save checkpoint-last.pth and exit 0, so torchrun and this process exit 0
+too (torchrun itself would pass the signal on but then exit 1). Other signals go to torchrun.
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 TRAIN_SCRIPT = str(Path(__file__).resolve().parent.parent / "train.py")
 # SIGUSR1 is SLURM's "time is nearly up" signal; torchrun must forward it, not die of it.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# The trainers' own stop signals (train.py saves a checkpoint and exits 0 on them).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def visible_gpus() -> int:
@@ -81,15 +91,40 @@ def torchrun_command(train_args: Sequence[str], env: Mapping[str, str], gpus: in
     return [*command, TRAIN_SCRIPT, *train_args]
 
 
+def runs_torchrun(argv: Sequence[str]) -> bool:
+    """True when the container arguments are train.py flags (none, or a first one that is a flag)."""
+    return not argv or argv[0].startswith("-")
+
+
 def build_command(argv: Sequence[str], env: Mapping[str, str], gpus: int | None = None) -> list[str]:
     """Command for the container arguments: torchrun + train.py, or `argv` itself when it names a program."""
-    if argv and not argv[0].startswith("-"):
+    if not runs_torchrun(argv):
         return list(argv)
     return torchrun_command(argv, env, visible_gpus() if gpus is None else gpus)
 
 
+def supervise(command: Sequence[str]) -> int:
+    """Run torchrun as a child, passing signals on (see the module notes); returns its exit status."""
+    launcher = subprocess.Popen(command, process_group=0)  # a terminal's Ctrl-C reaches it once, via us
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            trainers = psutil.Process(launcher.pid).children() if signum in STOP_SIGNALS else []
+        except psutil.NoSuchProcess:  # torchrun has just exited
+            return
+        for process in trainers or [launcher]:  # before the trainers start, torchrun gets it
+            process.send_signal(signum)
+
+    for name in FORWARDED_SIGNALS.split(","):
+        signal.signal(signal.Signals[name], forward)
+    status = launcher.wait()
+    return 128 - status if status < 0 else status  # killed by a signal: the shell's convention
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Replace this process with the command (print it instead under ENTRYPOINT_DRY_RUN=1)."""
+    """Run the command: torchrun + train.py under supervise(), any other command in this process's place.
+
+    Under ENTRYPOINT_DRY_RUN=1 print the command instead."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         command = build_command(argv, os.environ)
@@ -97,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"entrypoint: {error}")
     if os.environ.get("ENTRYPOINT_DRY_RUN") == "1":
         print(shlex.join(command))
-        return
-    os.execvp(command[0], command)
+    elif runs_torchrun(argv):
+        sys.exit(supervise(command))
+    else:
+        os.execvp(command[0], command)
 
 
 if __name__ == "__main__":
