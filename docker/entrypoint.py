@@ -74,8 +74,8 @@ def torchrun_command(train_args: Sequence[str], env: Mapping[str, str], gpus: in
         f"--shutdown-timeout={_int_setting(env, 'SHUTDOWN_TIMEOUT', 120, minimum=0)}",
     ]
     endpoint, run_id = env.get("RDZV_ENDPOINT", "").strip(), env.get("RDZV_ID", "").strip()
-    if nnodes == "1" and not endpoint:
-        command.append("--standalone")
+    if nnodes == "1" and not endpoint:  # on loopback: the host name may not resolve (--network none)
+        command += ["--standalone", "--local-addr=127.0.0.1"]
     elif not endpoint or not run_id:
         raise ValueError(
             f"NNODES={nnodes} needs RDZV_ENDPOINT (host:port reachable from every node) and RDZV_ID "

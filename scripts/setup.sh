@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 # postgresql: the MLflow-on-PostgreSQL tests (docker/ issue) start a throw-away cluster.
 APT_PACKAGES=(libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist postgresql)
+# The tests that build and run the images (tests/test_docker_images.py): Debian's Docker engine
+# (unless one is installed already), its compose and debootstrap for the local base image.
+command -v dockerd >/dev/null || APT_PACKAGES+=(docker.io)
+APT_PACKAGES+=(docker-compose debootstrap)
 VENV=.venv
 STAMP="$VENV/.setup-stamp"
 WANT="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
