@@ -88,6 +88,7 @@ def images() -> dict[str, str]:
     for target, tag in TAG.items():
         docker("build", "--network", "host", "-f", "docker/Dockerfile", "--target", target,
                "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *secret, "-t", tag, str(ROOT), timeout=3000)
+    docker("image", "prune", "--force", "--filter", "label=colormae.target")  # earlier builds' leftovers
     return TAG
 
 
@@ -165,7 +166,7 @@ def test_demo_runs_as_uid_1000_and_writes_only_to_runs(images, dataset, runs, co
 def test_docker_stop_saves_and_exits_0_and_the_same_run_resumes(images, dataset, runs, containers):
     from mlflow.tracking import MlflowClient
 
-    epochs, flags = 8, ["train.epochs=8"]
+    epochs, flags = 3, ["train.epochs=3"]
     first = start_trainer(images["trainer"], dataset, runs, containers, *flags)
     deadline = time.monotonic() + 600
     while not re.search(r"step \d+ \(epoch", logs(first)):  # training runs: stop it
