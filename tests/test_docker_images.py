@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from test_mlflow_postgres import ADMIN, free_port, healthy, status_of
 from test_mlflow_postgres import postgres_uri as postgres_uri  # the fixture: PostgreSQL on 127.0.0.1
 
@@ -233,25 +232,3 @@ def test_trainer_container_logs_to_the_mlflow_container_with_basic_auth(
     assert steps == [1, 2, 3, 4]
     assert {item.path for item in client.list_artifacts(run.info.run_id, "figures")} == {"figures/masks.png"}
     assert not (runs / "mlflow.db").exists(), "the run went to the local store, not the server"
-
-
-def compose_command() -> list[str] | None:
-    """`docker compose` (the plugin), else Debian's docker-compose, else None."""
-    if subprocess.run([CLIENT, "compose", "version"], capture_output=True).returncode == 0:
-        return [CLIENT, "compose"]
-    return [shutil.which("docker-compose")] if shutil.which("docker-compose") else None
-
-
-def test_compose_validates_the_stack():
-    command = compose_command()
-    if command is None:
-        pytest.skip("neither `docker compose` nor docker-compose is installed")
-    compose = [*command, "--env-file", str(ROOT / "docker" / ".env.example"), "-f",
-               str(ROOT / "docker" / "compose.yaml"), "config"]
-    result = subprocess.run(compose, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "POSTGRES_PASSWORD": "example-7f3a"})
-    assert result.returncode == 0, result.stderr
-    assert set(yaml.safe_load(result.stdout)["services"]) >= {"postgres", "mlflow"}
-    without_password = {key: value for key, value in os.environ.items() if key != "POSTGRES_PASSWORD"}
-    unset = subprocess.run(compose, capture_output=True, text=True, timeout=120, env=without_password)
-    assert unset.returncode != 0 and "POSTGRES_PASSWORD" in unset.stderr
