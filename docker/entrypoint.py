@@ -110,10 +110,10 @@ def supervise(command: Sequence[str]) -> int:
     def forward(signum: int, frame: object) -> None:
         try:
             trainers = psutil.Process(launcher.pid).children() if signum in STOP_SIGNALS else []
-        except psutil.NoSuchProcess:  # torchrun has just exited
-            return
-        for process in trainers or [launcher]:  # before the trainers start, torchrun gets it
-            process.send_signal(signum)
+            for process in trainers or [launcher]:  # before the trainers start, torchrun gets it
+                process.send_signal(signum)
+        except psutil.NoSuchProcess:  # torchrun or a trainer has just exited
+            pass
 
     for name in FORWARDED_SIGNALS.split(","):
         signal.signal(signal.Signals[name], forward)
