@@ -18,36 +18,47 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import json
 import logging
 import random
 import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import cli
+
+if __name__ == "__main__":  # --help and --print-config answer here, before torch loads (seconds)
+    cli.train_answer_early(__doc__, sys.argv[1:])
+
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.utils import save_image
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import errors
 import run_lock
 import tracking
-from configs import Config, ConfigError, flatten, load_config, model_kwargs, to_dict, validate
+from configs import Config, ConfigError, dump_config, flatten, load_config, model_kwargs, to_dict, validate
 from model import MaskedAutoencoderViT, build_mae
 from model.checkpoint import read_training_checkpoint, save_checkpoint
+from model.export import model_card, write_encoder
 from noise import parse_schedule
-from pipelines import LoaderConfig, build_loader
+from pipelines import LoaderConfig, build_loader, scan
 
 log = logging.getLogger("train")
 
@@ -58,23 +69,8 @@ class NonFiniteLoss(RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """Command line -> (Config, args); the config is validated separately."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file in configs/ (default: the built-in paper recipe)")
-    parser.add_argument("overrides", nargs="*", help="e.g. train.epochs=2 mask.schedule=blue")
-    parser.add_argument("--loader", help="torch | dali | ffcv (same as data.loader=...)")
-    parser.add_argument("--resume", help="checkpoint or run folder (default: the run's checkpoint-last.pth)")
-    parser.add_argument("--mlflow-uri", help="tracking server (same as log.mlflow_uri=...; default: "
-                        "MLFLOW_TRACKING_URI, else SQLite in the runs root)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an expected failure (or COLORMAE_DEBUG=1)")
-    args = parser.parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    if args.loader:
-        overrides.append(f"data.loader={args.loader}")
-    if args.mlflow_uri:
-        overrides.append(f"log.mlflow_uri={args.mlflow_uri}")
-    return load_config(args.config, overrides), args
+    args = cli.train_parser(__doc__).parse_intermixed_args(argv)
+    return load_config(args.config, cli.train_overrides(args)), args
 
 
 def init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -119,21 +115,41 @@ def run_folder(cfg: Config) -> Path:
     return Path(cfg.log.runs_root) / (cfg.log.run_name or cfg.name)
 
 
+RECONSTRUCTION_ROWS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+
+
 @torch.no_grad()
 def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, mask: torch.Tensor | None,
-                        path: Path) -> None:
-    """Save three rows: originals, masked inputs, reconstructions (visible patches pasted back)."""
+                        path: Path, min_side: int = 128) -> None:
+    """Save the labelled RECONSTRUCTION_ROWS, one column per image (hidden patches grey in row 2).
+
+    Images are scaled up (nearest neighbour) to at least `min_side` pixels so 32-pixel inputs stay legible.
+    """
     model.eval()
     _, pred, mask = model(images, mask)
     model.train()
     target = model.patchify(images)
     if model.norm_pix_loss:  # predictions are per-patch normalised pixels: undo with the true statistics
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    hidden = model.unpatchify(mask[..., None].expand_as(target))
-    visible = images * (1 - hidden)
-    rows = torch.cat([images, visible, visible + model.unpatchify(pred.float()) * hidden]).cpu()
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    save_image((rows * std + mean).clamp(0, 1), path, nrow=len(images), padding=1)
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1)
+                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    original = (images.float() * std + mean).clamp(0, 1)
+    predicted = (model.unpatchify(pred.float()) * std + mean).clamp(0, 1)
+    hidden = model.unpatchify(mask[..., None].expand_as(target).float())
+    rows = torch.stack([original, original * (1 - hidden) + 0.5 * hidden, predicted,
+                        original * (1 - hidden) + predicted * hidden])
+    scale = -(-min_side // images.shape[-1])
+    cells = F.interpolate(rows.flatten(0, 1).cpu(), scale_factor=scale, mode="nearest")
+    grid = to_pil_image(make_grid(cells, nrow=len(images), padding=2, pad_value=1.0))
+    cell = images.shape[-1] * scale + 2
+    font = ImageFont.load_default(size=max(12, cell // 8))
+    label_width = int(max(font.getlength(label) for label in RECONSTRUCTION_ROWS)) + 12
+    figure = Image.new("RGB", (label_width + grid.width, grid.height), "white")
+    figure.paste(grid, (label_width, 0))
+    draw = ImageDraw.Draw(figure)
+    for row, label in enumerate(RECONSTRUCTION_ROWS):
+        draw.text((6, row * cell + cell // 2), label, fill="black", font=font, anchor="lm")
+    figure.save(path)
 
 
 class Trainer:
@@ -170,6 +186,7 @@ class Trainer:
         self.dtype = autocast_dtype(t.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.sample = 0, None  # sample: a few training images for the reconstruction figure
+        self.last_loss: float | None = None  # mean loss of the last logged window (the model card's)
         self.stop_signals: list[int] = []  # SIGTERM / SIGUSR1 received during fit()
         run_id = self.load(resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no run folder
@@ -182,12 +199,15 @@ class Trainer:
 
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.uri = tracking.resolve_uri(cfg.log.mlflow_uri, cfg.log.runs_root)
+        checkpoint = (self.run_dir / "checkpoint-last.pth").resolve()  # recorded relative to the runs root
         self.tracker = tracking.Tracker(
             self.uri, cfg.log.experiment, run_name=self.run_dir.name, run_id=run_id,
             enabled=self.rank == 0 and cfg.log.mlflow, offline_dir=self.run_dir,
-            tags={"git_commit": git_commit(), "loader": cfg.data.loader, "mask": cfg.mask.schedule,
-                  "world_size": self.world, "device": device_name,
-                  "checkpoint": str((self.run_dir / "checkpoint-last.pth").resolve())})
+            system_metrics=cfg.log.system_metrics,
+            tags={**tracking.standard_tags(str(Path(__file__).resolve()), git_commit()),
+                  "loader": cfg.data.loader, "mask": cfg.mask.schedule, "world_size": self.world,
+                  "device": device_name, "runs_root": str(Path(cfg.log.runs_root).resolve()),
+                  "checkpoint": str(checkpoint.relative_to(Path(cfg.log.runs_root).resolve()))})
 
     def load(self, resume: str | None) -> str | None:
         """Restore from --resume or the run's checkpoint-last.pth; returns the MLflow run id to continue."""
@@ -280,6 +300,7 @@ class Trainer:
             if self.rank == 0:
                 self.tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": self.micro_batch,
                                          "world_size": self.world, "steps_per_epoch": spe})
+                self.log_provenance()
                 if self.step == 0:
                     self.log_mask_figure()
                 log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d "
@@ -308,6 +329,9 @@ class Trainer:
                         log.info("stop signal: saved %s at step %d; run the same command to resume",
                                  self.run_dir / "checkpoint-last.pth", self.step)
                         return self.model
+                if self.rank == 0 and window:  # the epoch's last partial window is not lost
+                    self.log_metrics(window, show_bar)
+                    window = []
                 self.end_epoch(epoch + 1, show_bar)
             status = "FINISHED"
         except NonFiniteLoss as err:
@@ -318,12 +342,15 @@ class Trainer:
                              ) from err
         finally:
             bar.close()
+            if self.rank == 0 and window:  # steps since the last log, e.g. before a failure
+                self.log_metrics(window, show_bar)
             self.tracker.close(status)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self.rank == 0:
-            print(f"\nDone. Checkpoints: {self.run_dir.resolve()}\nMLflow store: {self.uri}\n"
-                  f"Open it with:  {tracking.ui_command(self.uri)}", flush=True)
+            print(f"\nDone. Checkpoints: {self.run_dir.resolve()}", flush=True)
+            if cfg.log.mlflow:
+                print(f"MLflow store: {self.uri}\nOpen it with:  {tracking.ui_command(self.uri)}", flush=True)
         return self.model
 
     def end_epoch(self, epochs_done: int, show_bar: bool) -> None:
@@ -336,9 +363,11 @@ class Trainer:
         if self.rank != 0:
             return
         if log_cfg.recon_every and self.sample and (epochs_done % log_cfg.recon_every == 0 or last_epoch):
-            figure = self.run_dir / f"reconstruction-{epochs_done:04d}.png"
+            figure = self.run_dir / f"reconstruction-epoch-{epochs_done:04d}.png"
             reconstruction_grid(self.model, *self.sample, figure)
             self.tracker.log_artifact(figure, "reconstructions")
+        if last_epoch or (log_cfg.weights_every and epochs_done % log_cfg.weights_every == 0):
+            self.log_encoder(epochs_done, register=last_epoch)
         if not show_bar:
             log.info("epoch %d/%d done, checkpoints in %s", epochs_done, t.epochs, self.run_dir)
 
@@ -354,10 +383,35 @@ class Trainer:
                    "data_wait": waits.sum() / times.sum(), "step_time_s": times.mean(),
                    "peak_mem_mb": peak_mb, "epoch": self.step / self.steps_per_epoch}
         self.tracker.log_metrics(metrics, self.step)
+        self.last_loss = float(metrics["loss"])
         if not show_bar:
             log.info("step %d (epoch %.2f): loss %.4f, lr %.2e, %.0f img/s, data wait %.1f%%", self.step,
                      metrics["epoch"], metrics["loss"], metrics["lr"], metrics["images_per_s"],
                      100 * metrics["data_wait"])
+
+    def log_provenance(self) -> None:
+        """The resolved config (reruns with --config), the environment and the training dataset."""
+        if not self.tracker.enabled:
+            return
+        self.tracker.log_text(dump_config(self.cfg), "config.yaml")
+        env = tracking.environment()
+        self.tracker.log_text("\n".join(env.pop("pip_freeze")) + "\n", "environment/pip-freeze.txt")
+        self.tracker.log_text(json.dumps(env, indent=2) + "\n", "environment/environment.json")
+        if Path(self.cfg.data.path).is_dir():
+            manifest = scan(self.cfg.data.path, workers=self.cfg.data.workers or None)
+            self.tracker.log_dataset(Path(self.cfg.data.path).name, str(Path(self.cfg.data.path).resolve()),
+                                     manifest.signature(), len(manifest))
+
+    def log_encoder(self, epochs_done: int, register: bool, fingerprint: str | None = None) -> None:
+        """The encoder (safetensors + card) as an MLflow logged model; registered at the end if asked."""
+        if not self.tracker.enabled:
+            return
+        card = model_card(self.model.model_args, config=to_dict(self.cfg), epoch=epochs_done, step=self.step,
+                          final_loss=self.last_loss, run_id=self.tracker.run_id, fingerprint=fingerprint)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_encoder(tmp, self.model.state_dict(), card)
+            self.tracker.log_model_folder(tmp, "encoder", step=self.step, tags={"epoch": epochs_done},
+                                          register_as=self.cfg.log.register_model if register else None)
 
     def log_mask_figure(self) -> None:
         """The noise.show figure (an artifact) and the noise.stats statistics (metrics at step 0) of
@@ -388,6 +442,19 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def dry_run(cfg: Config) -> nn.Module:
+    """--dry-run: scan the data and build the model (no run folder, no MLflow run, no step)."""
+    model = build_mae(cfg.model.preset, **model_kwargs(cfg))
+    if cfg.data.loader == "ffcv" and cfg.data.ffcv_path and Path(cfg.data.ffcv_path).is_file():
+        data = f"{cfg.data.ffcv_path} (ffcv)"
+    else:
+        manifest = scan(cfg.data.path, workers=cfg.data.workers or None)
+        data = f"{len(manifest)} images in {len(manifest.classes)} classes ({manifest.num_skipped} skipped)"
+    print(f"dry run: config valid; data {data}; model {cfg.model.preset} with "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; nothing trained")
+    return model
+
+
 def main(argv: list[str] | None = None) -> nn.Module:
     """Parse, validate before any compute, lock the run folder, train.
 
@@ -401,6 +468,8 @@ def main(argv: list[str] | None = None) -> nn.Module:
         with errors.reported(errors.debug_requested(argv)):
             cfg, args = parse_args(argv)
             validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+            if args.dry_run:
+                return dry_run(cfg)
             with run_lock.hold(run_folder(cfg)) if rank == 0 else nullcontext(), logging_redirect_tqdm():
                 return Trainer(cfg, args.resume).fit()
     finally:

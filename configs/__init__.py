@@ -3,6 +3,7 @@
 from configs.config import (
     Config,
     ConfigError,
+    dump_config,
     flatten,
     from_dict,
     load_config,
@@ -11,5 +12,5 @@ from configs.config import (
     validate,
 )
 
-__all__ = ["Config", "ConfigError", "flatten", "from_dict", "load_config", "model_kwargs", "to_dict",
-           "validate"]
+__all__ = ["Config", "ConfigError", "dump_config", "flatten", "from_dict", "load_config", "model_kwargs",
+           "to_dict", "validate"]

@@ -94,8 +94,11 @@ class LogConfig:
     experiment: str = "colormae"
     mlflow: bool = True
     mlflow_uri: str | None = None  # tracking server; default MLFLOW_TRACKING_URI, else SQLite in runs_root
-    every_steps: int = 20  # metrics every N optimiser steps
+    every_steps: int = 20  # metrics every N optimiser steps (and at every epoch end)
     recon_every: int = 1  # reconstruction grid every N epochs (0 = never)
+    weights_every: int = 0  # log the encoder to MLflow every N epochs too (0 = at the end only)
+    register_model: str | None = None  # also register the final encoder under this model name
+    system_metrics: bool = True  # MLflow's CPU / memory / GPU metrics of the run
 
 
 @dataclass
@@ -227,6 +230,14 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML that `train.py --config FILE` runs as is (same run folder name)."""
+    values = to_dict(cfg)
+    values["log"]["run_name"] = cfg.log.run_name or values.pop("name")
+    values.pop("name", None)
+    return yaml.safe_dump(values, sort_keys=False)
+
+
 def from_dict(values: dict) -> Config:
     """Inverse of to_dict."""
     values = dict(values)
@@ -326,7 +337,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     unwritable = writable_problem(log.runs_root)
     if unwritable:
         problems.append(f"log.runs_root '{log.runs_root}': {unwritable}")
-    if log.every_steps < 1 or log.recon_every < 0:
-        problems.append("log.every_steps must be >= 1 and log.recon_every >= 0")
+    if log.every_steps < 1 or log.recon_every < 0 or log.weights_every < 0:
+        problems.append("log.every_steps must be >= 1, log.recon_every and log.weights_every >= 0")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

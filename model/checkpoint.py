@@ -1,10 +1,11 @@
 """Read, write and recover MAE checkpoints; hand the encoder to timm's VisionTransformer.
 
 A checkpoint is a dict ``{"model": state_dict, "model_args": {...}}`` (the public MAE release
-has only ``model``; pass ``preset=`` for those). An unreadable file (empty, truncated, random
-bytes, text, pickled objects) or a mismatch raises a CheckpointError naming the file, the keys
-and shapes instead of torch's traceback. `save_checkpoint` writes atomically, and
-`newest_good_checkpoint` finds what a run can fall back on when its checkpoint-last.pth is broken.
+has only ``model``; pass ``preset=`` for those), or a folder written by ``model.export``. An
+unreadable file (empty, truncated, random bytes, text, pickled objects) or a mismatch raises a
+CheckpointError naming the file, the keys and shapes instead of torch's traceback.
+`save_checkpoint` writes atomically, and `newest_good_checkpoint` finds what a run can fall back
+on when its checkpoint-last.pth is broken.
 """
 
 import logging
@@ -135,6 +136,11 @@ def read_training_checkpoint(path: Path, model_args: dict[str, Any], *, recover:
 
 
 def _read(path_or_dict: str | Path | dict) -> dict:
+    if not isinstance(path_or_dict, dict) and Path(path_or_dict).is_dir():  # a model.export folder
+        from model.export import read_encoder
+
+        state, card = read_encoder(path_or_dict)
+        return {"model": state, "model_args": card["model_args"]}
     if not isinstance(path_or_dict, dict):
         return read_checkpoint(path_or_dict)
     if "model" not in path_or_dict:
@@ -212,7 +218,8 @@ def build_timm_encoder(model_args: dict[str, Any], **timm_kwargs: Any) -> Vision
 
 def load_encoder(path: str | Path | dict, *, preset: str | None = None,
                  **timm_kwargs: Any) -> VisionTransformer:
-    """timm VisionTransformer carrying a checkpoint's pretrained encoder (full MAE or encoder only).
+    """timm VisionTransformer carrying a checkpoint's pretrained encoder (full MAE, encoder only, or
+    a `model.export` folder).
 
     A classifier head, if asked for, stays freshly initialised. With global_pool='avg' timm
     normalises after pooling (fc_norm); it starts from the encoder's final norm.
