@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cli
+
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")
 
 
@@ -51,20 +53,33 @@ def fit_head(
     return head.eval()
 
 
+def make_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m <module>` with the flags every evaluation shares (see add_checkpoint_args)."""
+    parser = cli.make_parser(f"python -m {module}", doc)
+    add_checkpoint_args(parser)
+    return parser
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by the evaluation commands."""
-    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (.pth)")
-    parser.add_argument("--model", default=None,
-                        help="model preset the checkpoint must match (e.g. vit_base); checked, not rebuilt")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--uri", default=None,
-                        help="MLflow tracking URI (default: the pretraining run's store)")
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment (default: the pretraining run's, from the checkpoint config)")
+    """The evaluations' shared flags: checkpoint, --mlflow-uri, --experiment, --device, --seed, ..."""
+    from model.mae import PRESETS
+
+    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (.pth) (required)")
+    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
+                        help="preset the checkpoint must match; checked, not rebuilt (default: no check)")
+    cli.add_common_args(parser, uri_default="the pretraining run's store, from the checkpoint config",
+                        experiment_default="the pretraining run's, from the checkpoint config")
     parser.add_argument("--pretrain-run-id", default=None,
-                        help="MLflow run id of the pretraining run, when the checkpoint has none")
-    parser.add_argument("--offline-dir", default=None, help="where metrics go while the server is down")
+                        help="MLflow run id of the pretraining run (default: the checkpoint's)")
+    parser.add_argument("--offline-dir", default=None,
+                        help="where metrics go while the server is down (default: runs/mlflow-offline)")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu; other names pass through."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def check_model_size(model_args: dict, preset: str) -> None:
@@ -139,7 +154,7 @@ def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str) ->
 
     run_id = pretrain_run_id(checkpoint, args.pretrain_run_id)
     config = training_config(checkpoint)
-    uri = resolve_uri(args.uri or config.get("log.mlflow_uri"), config.get("log.runs_root", "runs"))
+    uri = resolve_uri(args.mlflow_uri or config.get("log.mlflow_uri"), config.get("log.runs_root", "runs"))
     experiment = args.experiment or config.get("log.experiment", "colormae")
     tags = {"pretrain_run_id": run_id, "evaluation": evaluation, "checkpoint": checkpoint["path"],
             "mask": config.get("mask.schedule", ""), "seed": config.get("train.seed", "")}

@@ -1,6 +1,6 @@
 """Compare mask colours / schedules across MLflow runs: mean +/- std over seeds, with a noise verdict.
 
-    python -m eval.compare --experiment colormae --uri sqlite:///runs/mlflow.db --out runs/compare
+    python -m eval.compare --experiment colormae --mlflow-uri sqlite:///runs/mlflow.db --out runs/compare
 
 One sample is one pretraining run: its own metrics plus those of every evaluation run tagged with
 its id (`pretrain_run_id`). Samples are grouped by the pretraining `mask` parameter (a colour or a
@@ -174,12 +174,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     """Command line: read an experiment, write and log the comparison."""
     from tracking import Tracker, resolve_uri
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--uri", default=None,
+    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment to compare (required)")
+    parser.add_argument("--mlflow-uri", default=None,
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
-    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--out", default="runs/compare", help="report folder (default: %(default)s)")
     parser.add_argument("--by", default="mask",
                         help="pretraining parameter to group by (mask = colour or schedule)")
     parser.add_argument("--metrics", nargs="*", default=None,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--baseline", default="random", help="group the others are tested against")
     args = parser.parse_args(argv)
 
-    uri = resolve_uri(args.uri, "runs")
+    uri = resolve_uri(args.mlflow_uri, "runs")
     runs = fetch_runs(args.experiment, uri)
     samples = samples_from_runs(runs, args.by).sort_values("group")
     evaluated = runs[runs.get("tags.pretrain_run_id", pd.Series(dtype=str)).fillna("") != ""]

@@ -75,10 +75,22 @@ def extract_tokens(mae: nn.Module, images: torch.Tensor, batch_size: int, device
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Flags for a class-folder dataset with train/ and val/ splits (as `pipelines.prepare` writes)."""
-    parser.add_argument("--data", required=True, help="root with train/<class>/ and val/<class>/ folders")
-    parser.add_argument("--loader", default="torch", help="pipelines loader backend: torch | dali | ffcv")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
+    import cli
+
+    parser.add_argument("--data", required=True,
+                        help="root with train/<class>/ and val/<class>/ folders (required)")
+    parser.add_argument("--loader", choices=cli.LOADERS, default="torch",
+                        help="pipelines loader backend (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="images per feature batch (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="loader worker processes (default: %(default)s)")
+
+
+def add_pool_arg(parser: argparse.ArgumentParser) -> None:
+    """--pool: which token summarises an image."""
+    parser.add_argument("--pool", choices=POOLS, default="cls",
+                        help="cls token or mean patch token (default: %(default)s)")
 
 
 def checkpoint_features(checkpoint: dict, args: argparse.Namespace, pool: str):

@@ -100,30 +100,39 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     return accuracy
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.finetune`."""
+    from eval import common
+
+    parser = common.make_parser("eval.finetune", __doc__)
+    for flag, kind, default, text in (
+        ("--epochs", int, 10, "fine-tuning epochs"), ("--warmup-epochs", int, 1, "linear warm-up epochs"),
+        ("--batch-size", int, 128, "images per step"), ("--workers", int, 2, "loader worker processes"),
+        ("--lr", float, 1e-3, "AdamW peak lr"), ("--weight-decay", float, 0.05, "AdamW weight decay"),
+        ("--layer-decay", float, 0.65, "layer-wise lr decay"), ("--drop-path", float, 0.1, "drop-path rate"),
+        ("--smoothing", float, 0.1, "label smoothing"),
+        ("--mixup", float, 0.0, "mixup alpha (MAE: 0.8); 0 = off"),
+        ("--cutmix", float, 0.0, "cutmix alpha (MAE: 1.0); 0 = off"),
+        ("--reprob", float, 0.0, "random erasing probability (MAE: 0.25)"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
+    parser.add_argument("--data", required=True,
+                        help="root with train/<class>/ and val/<class>/ folders (required)")
+    parser.add_argument("--global-pool", choices=("avg", "token"), default="avg",
+                        help="classifier input (default: %(default)s)")
+    parser.add_argument("--aa", default=None,
+                        help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command line: fine-tune a checkpoint's encoder on a class-folder dataset, logged to MLflow."""
     from eval import common
     from model import load_encoder
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_checkpoint_args(parser)
-    parser.add_argument("--data", required=True, help="root with train/<class>/ and val/<class>/ folders")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--warmup-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--layer-decay", type=float, default=0.65)
-    parser.add_argument("--drop-path", type=float, default=0.1)
-    parser.add_argument("--global-pool", choices=("avg", "token"), default="avg")
-    parser.add_argument("--smoothing", type=float, default=0.1)
-    parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (MAE: 0.8); 0 = off")
-    parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (MAE: 1.0); 0 = off")
-    parser.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
-    parser.add_argument("--reprob", type=float, default=0.0, help="random erasing probability (MAE: 0.25)")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.device = common.resolve_device(args.device)
 
     torch.manual_seed(args.seed)
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)

@@ -60,18 +60,26 @@ def knn_accuracy(
     return (predicted == test_labels).float().mean().item()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.knn`."""
+    from eval import common, features
+
+    parser = common.make_parser("eval.knn", __doc__)
+    features.add_data_args(parser)
+    parser.add_argument("--k", type=int, default=20, help="neighbours that vote (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.07,
+                        help="vote weight exp(similarity / T) (default: %(default)s)")
+    features.add_pool_arg(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command line: features of a checkpoint's encoder -> k-NN top-1, logged to MLflow."""
     from eval import common, features
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_checkpoint_args(parser)
-    features.add_data_args(parser)
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--pool", choices=features.POOLS, default="cls")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.device = common.resolve_device(args.device)
 
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
     with common.open_tracker(args, checkpoint, "knn") as tracker:
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         accuracy = knn_accuracy(*train, *test, k=args.k, temperature=args.temperature)
         metrics = {"knn_top1": accuracy}
         tracker.log_params({"k": args.k, "temperature": args.temperature, "pool": args.pool})
-        tracker.log_metrics(metrics, step=checkpoint.get("epoch", 0))
+        tracker.log_metrics(metrics, step=checkpoint.get("step", 0))  # the pretraining step
     print(f"k-NN (k={args.k}, T={args.temperature}) top-1: {accuracy:.4f}")
     return metrics
 

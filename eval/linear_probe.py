@@ -63,19 +63,27 @@ def linear_probe_accuracy(
     return probe_accuracy(head, test_features, test_labels)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.linear_probe`."""
+    from eval import common, features
+
+    parser = common.make_parser("eval.linear_probe", __doc__)
+    features.add_data_args(parser)
+    features.add_pool_arg(parser)
+    parser.add_argument("--epochs", type=int, default=30, help="probe training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="probe AdamW peak lr (default: %(default)s)")
+    parser.add_argument("--probe-batch-size", type=int, default=256,
+                        help="probe training batch (default: %(default)s)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command line: cached features of a checkpoint's encoder -> linear probe top-1, logged to MLflow."""
     from eval import common, features
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_checkpoint_args(parser)
-    features.add_data_args(parser)
-    parser.add_argument("--pool", choices=features.POOLS, default="cls")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--probe-batch-size", type=int, default=256)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.device = common.resolve_device(args.device)
 
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
     with common.open_tracker(args, checkpoint, "linear") as tracker:
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = {"linear_top1": accuracy}
         tracker.log_params({"pool": args.pool, "probe_epochs": args.epochs, "probe_lr": args.lr,
                             "probe_optimizer": "adamw"})
-        tracker.log_metrics(metrics, step=checkpoint.get("epoch", 0))
+        tracker.log_metrics(metrics, step=checkpoint.get("step", 0))  # the pretraining step
     print(f"linear probe ({args.pool}) top-1: {accuracy:.4f}")
     return metrics
 

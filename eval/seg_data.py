@@ -229,13 +229,17 @@ def ade20k_split(root: str | Path, split: str, size: int, limit: int | None = No
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """Flags that choose the segmentation dataset."""
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-canvas")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-canvas",
+                        help="segmentation dataset (default: %(default)s)")
     parser.add_argument("--data", default=None,
-                        help=f"fashion-canvas: IDX or class-folder root (default {FASHION_MNIST_DIR}); "
+                        help=f"fashion-canvas: IDX or class-folder root (default: {FASHION_MNIST_DIR}); "
                              "voc: a VOC-layout folder (or train/ and val/ ones); ade20k: dataset root")
-    parser.add_argument("--train-count", type=int, default=2000, help="canvases / crops to train on")
-    parser.add_argument("--test-count", type=int, default=500, help="canvases / crops to test on")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many photos per split")
+    parser.add_argument("--train-count", type=int, default=2000,
+                        help="canvases / crops to train on (default: %(default)s)")
+    parser.add_argument("--test-count", type=int, default=500,
+                        help="canvases / crops to test on (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most this many photos per split (default: all)")
 
 
 def load_splits(args: argparse.Namespace, size: int) -> tuple[SegSet, SegSet]:

@@ -127,18 +127,26 @@ def probe_scores(
     return evaluate_seg_head(head, test_maps, test_labels, num_classes)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.segmentation`."""
+    from eval import common, seg_data
+
+    parser = common.make_parser("eval.segmentation", __doc__)
+    seg_data.add_dataset_args(parser)
+    parser.add_argument("--epochs", type=int, default=20, help="head training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="head AdamW peak lr (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per feature / training batch (default: %(default)s)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command line: segmentation probe of a checkpoint's encoder, logged to MLflow."""
     from eval import common, features, seg_data
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_checkpoint_args(parser)
-    seg_data.add_dataset_args(parser)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.device = common.resolve_device(args.device)
 
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
     mae = common.build_model(checkpoint, args.device)
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         tracker.log_params({"seg_dataset": args.dataset, "seg_head": "linear", "seg_epochs": args.epochs,
                             "seg_train_images": len(train_set.labels),
                             "seg_test_images": len(test_set.labels)})
-        tracker.log_metrics(metrics, step=checkpoint.get("epoch", 0))
+        tracker.log_metrics(metrics, step=checkpoint.get("step", 0))  # the pretraining step
     print(f"segmentation probe on {args.dataset}: "
           f"mIoU {scores['miou']:.4f}, pixel acc {scores['pixel_acc']:.4f}")
     return metrics

@@ -43,7 +43,7 @@ def store(tmp_path_factory) -> tuple[str, dict[str, list[float]]]:
 
 def test_compare_reproduces_mean_and_std_of_logged_runs(tmp_path, store):
     uri, seg = store
-    paths = compare.main(["--experiment", "colours", "--uri", uri, "--out", str(tmp_path / "out")])
+    paths = compare.main(["--experiment", "colours", "--mlflow-uri", uri, "--out", str(tmp_path / "out")])
 
     table = pd.read_csv(tmp_path / "out" / "comparison.csv")
     assert set(table["metric"]) == {"knn_top1", "seg_miou"}  # evaluation metrics only, by default
@@ -88,7 +88,8 @@ def test_single_run_groups_have_no_std_and_no_verdict():
 def test_unknown_metric_is_a_clear_error(tmp_path, store):
     uri, _ = store
     with pytest.raises(ValueError, match=r"metrics \['top5'\] are not in experiment 'colours'"):
-        compare.main(["--experiment", "colours", "--uri", uri, "--out", str(tmp_path), "--metrics", "top5"])
+        compare.main(["--experiment", "colours", "--mlflow-uri", uri, "--out", str(tmp_path),
+                      "--metrics", "top5"])
 
 
 def test_unknown_experiment_is_a_clear_error(store):

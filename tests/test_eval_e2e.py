@@ -53,7 +53,7 @@ def write_checkpoint(path, uri: str, *, run_id: str | None = "create", mask: str
 
 
 def common_args(checkpoint: str, uri: str) -> list[str]:
-    return ["--checkpoint", checkpoint, "--uri", uri, "--device", "cpu"]
+    return ["--checkpoint", checkpoint, "--mlflow-uri", uri, "--device", "cpu"]
 
 
 def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion_folders, uri):
@@ -96,7 +96,7 @@ def test_compare_groups_evaluations_by_the_pretraining_mask(tmp_path, fashion_fo
                                           experiment="eval-compare")
             accuracies.setdefault(mask, []).append(knn.main(
                 [*common_args(checkpoint, uri), "--data", fashion_folders, "--workers", "0"])["knn_top1"])
-    compare.main(["--experiment", "eval-compare", "--uri", uri, "--out", str(tmp_path / "compare")])
+    compare.main(["--experiment", "eval-compare", "--mlflow-uri", uri, "--out", str(tmp_path / "compare")])
     table = (tmp_path / "compare" / "comparison.md").read_text()
     for mask, values in accuracies.items():
         assert f"| {mask} | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (2) |" in table

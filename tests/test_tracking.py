@@ -4,10 +4,14 @@ A real `mlflow server` that dies in the middle of a training run is tested in te
 """
 
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -80,6 +84,7 @@ def test_unreachable_server_keeps_everything_offline_then_syncs(store, tmp_path,
     tracker = tracking.Tracker(dead, "offline", run_name="offline", tags={"mask": "green"},
                                offline_dir=tmp_path)
     tracker.log_params({"train.epochs": 2})
+    tracker.log_dataset("train", "/data/train", "0123abcd", 48)
     for step in range(1, 6):
         tracker.log_metrics({"loss": float(step)}, step)
     (tmp_path / "masks.png").write_bytes(b"png")
@@ -88,9 +93,9 @@ def test_unreachable_server_keeps_everything_offline_then_syncs(store, tmp_path,
     assert time.monotonic() - start < 60, "a dead server must not stall training for minutes"
     assert tracker.offline and tracker.run_id is None
     assert caplog.text.count("is unreachable") == 1  # warned once, not per call
-    assert f"python tracking.py sync {tmp_path} --uri {dead}" in caplog.text
+    assert f"python tracking.py sync {tmp_path} --mlflow-uri {dead}" in caplog.text
     records = [json.loads(line) for line in (tmp_path / tracking.OFFLINE_FILE).read_text().splitlines()]
-    assert [r["op"] for r in records] == ["start", "params", *["metrics"] * 5, "artifact", "end"]
+    assert [r["op"] for r in records] == ["start", "params", "dataset", *["metrics"] * 5, "artifact", "end"]
 
     uri = tracking.default_tracking_uri(store)
     (run_id,) = tracking.sync(tmp_path, uri)
@@ -100,6 +105,8 @@ def test_unreachable_server_keeps_everything_offline_then_syncs(store, tmp_path,
     assert run.data.params == {"train.epochs": "2"} and run.data.tags["mask"] == "green"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
     assert artifact_paths(client, run_id, "figures") == ["figures/masks.png"]
+    [dataset] = run.inputs.dataset_inputs
+    assert (dataset.dataset.digest, json.loads(dataset.dataset.profile)) == ("0123abcd", {"num_images": 48})
     with pytest.raises(FileNotFoundError, match="no offline MLflow records"):
         tracking.sync(tmp_path, uri)  # the synced file was renamed: nothing is replayed twice
 
@@ -114,9 +121,68 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 
 def test_uri_choice_and_ui_command(tmp_path, monkeypatch):
     uri = tracking.default_tracking_uri(tmp_path)
-    assert tracking.ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
+    assert tracking.ui_command(uri) == f"python tracking.py ui {tmp_path.resolve()}"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.resolve_uri(None, tmp_path) == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
     assert tracking.resolve_uri(None, tmp_path) == "http://env-host:5000"
     assert tracking.resolve_uri("http://flag-host:5000", tmp_path) == "http://flag-host:5000"
+
+
+def test_disabled_tracking_never_imports_mlflow(tmp_path):
+    """log.mlflow=false must work where mlflow is not even installed (the GPU check's machines)."""
+    code = ("import sys, tracking\n"
+            f"t = tracking.Tracker(None, 'exp', enabled=False, offline_dir={str(tmp_path)!r})\n"
+            "t.log_params({'a': 1}); t.log_metrics({'loss': 1.0}, 1); t.log_text('x', 'config.yaml')\n"
+            "t.log_dataset('train', '/data', 'abc', 3); t.close()\n"
+            "print('mlflow' in sys.modules)")
+    root = Path(tracking.__file__).parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False" and not list(tmp_path.iterdir())
+
+
+def test_moved_runs_folder_still_serves_artifacts_and_models(tmp_path):
+    """Copy runs/ elsewhere, delete the original, open the copy with the client, read artifacts back."""
+    original = tmp_path / "original"
+    uri = tracking.default_tracking_uri(original)
+    tracker = tracking.Tracker(uri, "moved", offline_dir=tmp_path / "run")
+    tracker.log_text("train: {epochs: 2}\n", "config.yaml")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.bin").write_bytes(b"weights")
+    tracker.log_model_folder(tmp_path / "weights", "encoder", step=1)
+    tracker.close()
+    copy = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+
+    copy_uri = tracking.default_tracking_uri(copy)
+    client = tracking.open_client(copy_uri)
+    config = Path(client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path)))
+    assert config.read_text() == "train: {epochs: 2}\n"
+    assert client.get_run(tracker.run_id).info.artifact_uri.startswith(copy.resolve().as_uri())
+    [model] = client.search_logged_models([tracker.experiment_id])
+    weights = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/model.bin",
+                                                  dst_path=str(tmp_path / "dl"), tracking_uri=copy_uri)
+    assert Path(weights).read_bytes() == b"weights"
+    assert tracking.relocate(copy_uri) == 0  # already anchored: nothing to do
+
+
+def test_system_metrics_are_logged_when_switched_on(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracker = tracking.Tracker(tracking.default_tracking_uri(store), "system", offline_dir=tmp_path,
+                               system_metrics=True)
+    deadline = time.monotonic() + 60
+    client = MlflowClient(tracking.default_tracking_uri(store))
+    while not client.get_run(tracker.run_id).data.metrics and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tracker.close()
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+
+
+def test_standard_tags_fill_source_user_and_commit():
+    tags = tracking.standard_tags("/repo/train.py", "a" * 40)
+    assert tags["mlflow.source.name"] == "/repo/train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == "a" * 40
+    assert "mlflow.source.git.commit" not in tracking.standard_tags("train.py", "unknown")

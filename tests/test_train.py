@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -19,16 +20,22 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
+import timm
 import torch
 from mlflow import MlflowClient
 from PIL import Image
+from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import noise.stats
 import tracking
 import train
-from configs import load_config
-from model import MaskedAutoencoderViT, load_mae
+from configs import load_config, to_dict
+from model import MaskedAutoencoderViT, build_mae, load_mae
+from pipelines import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.workers=0",
@@ -86,17 +93,43 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
     assert run.data.params["train.epochs"] == "2" and run.data.params["mask.schedule"] == "green"
     tags = run.data.tags
     assert [tags[k] for k in ("loader", "mask", "world_size", "device")] == ["torch", "green", "1", "cpu"]
-    assert tags["checkpoint"] == str((run_dir / "checkpoint-last.pth").resolve()) and tags["git_commit"]
+    assert tags["checkpoint"] == "full/checkpoint-last.pth"  # relative to the runs root
+    assert tags["mlflow.source.name"] == str(ROOT / "train.py") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == train.git_commit()
     assert {"loss", "lr", "images_per_s", "data_wait", "step_time_s", "peak_mem_mb"} <= set(run.data.metrics)
     mask_stats = {name: value for name, value in run.data.metrics.items() if name.startswith("mask_stats/")}
     assert set(mask_stats) == {f"mask_stats/green/{name}" for name in noise.stats.STATISTICS}
     assert 0.5 < mask_stats["mask_stats/green/neighbour_agreement"] < 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
-    artifacts = {a.path for folder in ("figures", "reconstructions")
+    artifacts = {a.path for folder in ("figures", "reconstructions", "environment")
                  for a in client.list_artifacts(run.info.run_id, folder)}
-    assert artifacts == {"figures/masks.png", "reconstructions/reconstruction-0001.png",
-                         "reconstructions/reconstruction-0002.png"}
-    assert Image.open(run_dir / "reconstruction-0002.png").size == (8 * 33 + 1, 3 * 33 + 1)  # 3 rows of 8
+    assert artifacts == {"figures/masks.png", "reconstructions/reconstruction-epoch-0001.png",
+                         "reconstructions/reconstruction-epoch-0002.png", "environment/environment.json",
+                         "environment/pip-freeze.txt"}
+    figure = Image.open(run_dir / "reconstruction-epoch-0002.png")
+    assert figure.height == 4 * (4 * 32 + 2) + 2 and figure.width > 8 * (4 * 32 + 2)  # 4 labelled rows of 8
+    env = json.loads(Path(client.download_artifacts(run.info.run_id, "environment/environment.json",
+                                                    str(run_dir))).read_text())
+    assert env["torch"] == torch.__version__ and "ffcv" in env["loader_libraries"]
+
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(run_dir))  # reruns as is
+    assert to_dict(load_config(config)) | {"name": ""} == to_dict(train.parse_args(
+        args(images, runs, "train.epochs=2", "log.run_name=full"))[0]) | {"name": ""}
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == scan(images).signature()
+    assert json.loads(dataset.dataset.profile) == {"num_images": 48}
+    [encoder] = client.search_logged_models([run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{run.info.run_id}'")
+    exported = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=encoder.artifact_location, dst_path=str(run_dir / "encoder"),
+        tracking_uri=tracking.default_tracking_uri(runs)))
+    card = json.loads((exported / "model-card.json").read_text())
+    assert (card["steps"], card["images_seen"], card["pretraining_run_id"]) == (12, 96, run.info.run_id)
+    assert card["final_loss"] == client.get_metric_history(run.info.run_id, "loss")[-1].value
+    vit = timm.create_model(card["timm_model"], pretrained=False, **card["timm_kwargs"])
+    vit.load_state_dict(load_file(exported / "model.safetensors"), strict=True)
+    for name, tensor in vit.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
     lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
     peak = load_config(ROOT / "configs" / "demo.yaml", ["train.batch_size=8"]).lr
@@ -146,6 +179,30 @@ def test_command_line_flags_and_overrides_mix():
                                  "--resume", "runs/demo"])
     assert (cfg.train.epochs, cfg.mask.schedule, cfg.data.loader) == (5, "blue", "dali")
     assert cfg.log.mlflow_uri == "http://h:5000" and cli.resume == "runs/demo"
+
+
+def test_no_metric_is_lost_to_the_logging_interval(images, runs, monkeypatch):
+    """2 epochs x 3 steps with log.every_steps=10: every epoch end logs its window, SIGTERM its own."""
+    steps = ("train.epochs=2", "train.steps_per_epoch=3", "log.every_steps=10")
+    train.main(args(images, runs, *steps, "log.run_name=window"))
+    client, run = mlflow_run(runs, runs / "window")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6]
+
+    signal_during_step(monkeypatch, 5)  # mid-epoch 2
+    train.main(args(images, runs, *steps, "log.run_name=window-term"))
+    client, run = mlflow_run(runs, runs / "window-term")
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 5]
+
+
+def test_mlflow_off_creates_no_store_and_never_imports_mlflow(images, tmp_path):
+    argv = args(images, tmp_path, "train.epochs=1", "train.steps_per_epoch=1", "log.mlflow=false")
+    code = f"import sys, train\ntrain.main({argv!r})\nprint('mlflow imported:', 'mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "mlflow imported: False" in out.stdout and "mlflow ui" not in out.stdout + out.stderr
+    assert (tmp_path / "demo" / "checkpoint-last.pth").is_file() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "demo" / tracking.OFFLINE_FILE).exists()
 
 
 def signal_during_step(monkeypatch, step: int) -> None:
@@ -378,6 +435,27 @@ def test_gpu_run_in_mixed_precision_resumes(images, tmp_path, precision):
     assert next(model.parameters()).is_cuda
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert bool(ckpt["scaler"]) == (precision == "fp16")  # the scaler state exists only for fp16
+
+
+def test_reconstruction_figure_of_a_perfect_prediction_is_grey(tmp_path):
+    """Greyscale inputs predicted exactly (per-patch-normalised targets) come back exactly grey:
+    the figure's denormalisation adds no colour cast; labels, padding and hidden patches are grey too."""
+    mae = build_mae("demo", depth=1, decoder_depth=1, img_size=32)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    images = (torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)).expand(4, 3, 32, 32)
+              - mean) / std
+
+    def oracle(imgs, mask, ratio=0.75):
+        target = mae.patchify(imgs)
+        normalised = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return torch.zeros(()), normalised, torch.rand(len(imgs), target.shape[1]).lt(0.75).float()
+
+    mae.forward = oracle
+    train.reconstruction_grid(mae, images, None, tmp_path / "figure.png")
+    pixels = torch.from_numpy(np.array(Image.open(tmp_path / "figure.png").convert("RGB"))).int()
+    assert pixels.shape[0] == 4 * (4 * 32 + 2) + 2  # four rows of 32-pixel images scaled x4
+    for channel in (1, 2):  # green and blue equal red everywhere
+        assert (pixels[..., channel] - pixels[..., 0]).abs().max() <= 1
 
 
 def test_git_commit_tag_from_env_or_unknown_without_git(monkeypatch):
