@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.datasets import ImageFolder
+from tqdm import tqdm
 
 POOLS = ("cls", "avg")
 
@@ -49,7 +51,7 @@ def loader_features(
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     features, labels = [], []
-    for batch in batches:
+    for batch in tqdm(batches, desc="features", unit="batch", leave=False, disable=not sys.stderr.isatty()):
         with autocast:
             tokens = mae.forward_features(batch["images"].to(device, non_blocking=True))
         features.append(pool_tokens(tokens, pool).float())

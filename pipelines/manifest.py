@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from errors import DataError
 
@@ -175,6 +177,8 @@ def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: in
     if todo:
         with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
             results = pool.map(lambda t: _check(root / t[0], cache / "converted" / (t[0] + ".png")), todo)
+            results = tqdm(results, total=len(todo), desc=f"scan {root}", unit="file",
+                           disable=not sys.stderr.isatty())
             for (rel, size, mtime), (status, detail) in zip(todo, results, strict=True):
                 entries[rel] = (size, mtime, status, detail)
         _write_cache(cache / _MANIFEST_FILE, entries)

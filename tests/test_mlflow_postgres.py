@@ -184,11 +184,11 @@ def test_two_concurrent_trainings_are_logged_completely(mlflow_server, postgres_
         assert all(np.isfinite(metric.value) for metric in losses)
         figures = {item.path for folder in ("figures", "reconstructions")
                    for item in client.list_artifacts(run.info.run_id, folder)}
-        assert figures == {"figures/masks.png", "reconstructions/reconstruction-0001.png"}, name
+        assert figures == {"figures/masks.png", "reconstructions/reconstruction-epoch-0001.png"}, name
         local = client.download_artifacts(run.info.run_id, "figures/masks.png", str(tmp_path / name))
         assert Image.open(local).size[0] > 0
     stored = {path.name for path in artifacts.rglob("*.png")}  # served from the server's volume
-    assert {"masks.png", "reconstruction-0001.png"} <= stored
+    assert {"masks.png", "reconstruction-epoch-0001.png"} <= stored
     assert run_count_in_postgres(postgres_uri, experiment.experiment_id) == 2
 
 

@@ -417,7 +417,9 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
         assert run.info.status == "FINISHED"
         assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(1, 19))
         recon = {a.path for a in client.list_artifacts(run_id, "reconstructions")}
-        assert recon == {f"reconstructions/reconstruction-000{e}.png" for e in (1, 2, 3)}
+        assert recon == {f"reconstructions/reconstruction-epoch-000{e}.png" for e in (1, 2, 3)}
+        encoder = {a.path for a in client.list_artifacts(run_id, "encoder")}  # offline: plain artifacts
+        assert encoder == {"encoder/model.safetensors", "encoder/model-card.json"}
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
