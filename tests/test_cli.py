@@ -81,4 +81,4 @@ def test_train_dry_run_builds_everything_and_trains_nothing(tmp_path, random_ima
     assert "dry run: config valid; data 6 images in 2 classes (0 skipped); model demo" in done.stdout
     assert not (tmp_path / "runs").exists()
     done = run_train("--config", "configs/demo.yaml", "mask.ratio=2", "--dry-run")
-    assert done.returncode == 1 and "mask.ratio 2.0 must lie strictly between 0 and 1" in done.stderr
+    assert done.returncode == 2 and "mask.ratio 2.0 must lie strictly between 0 and 1" in done.stderr
