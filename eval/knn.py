@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.device = common.resolve_device(args.device)
 
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
-    with common.open_tracker(args, checkpoint, "knn") as tracker:
+    params = {"k": args.k, "temperature": args.temperature, "pool": args.pool, "loader": args.loader}
+    with common.open_tracker(args, checkpoint, "knn", params=params, data=features.split_data(args.data)) \
+            as tracker:
         train, test = features.checkpoint_features(checkpoint, args, pool=args.pool)
         accuracy = knn_accuracy(*train, *test, k=args.k, temperature=args.temperature)
         metrics = {"knn_top1": accuracy}
-        tracker.log_params({"k": args.k, "temperature": args.temperature, "pool": args.pool})
         tracker.log_metrics(metrics, step=checkpoint.get("step", 0))  # the pretraining step
     print(f"k-NN (k={args.k}, T={args.temperature}) top-1: {accuracy:.4f}")
     return metrics

@@ -86,14 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     args.device = common.resolve_device(args.device)
 
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
-    with common.open_tracker(args, checkpoint, "linear") as tracker:
+    params = {"pool": args.pool, "probe_epochs": args.epochs, "probe_lr": args.lr, "probe_optimizer": "adamw",
+              "probe_batch_size": args.probe_batch_size, "loader": args.loader}
+    with common.open_tracker(args, checkpoint, "linear", params=params, data=features.split_data(args.data)) \
+            as tracker:
         train, test = features.checkpoint_features(checkpoint, args, pool=args.pool)
         accuracy = linear_probe_accuracy(
             *train, *test, epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr, seed=args.seed
         )
         metrics = {"linear_top1": accuracy}
-        tracker.log_params({"pool": args.pool, "probe_epochs": args.epochs, "probe_lr": args.lr,
-                            "probe_optimizer": "adamw"})
         tracker.log_metrics(metrics, step=checkpoint.get("step", 0))  # the pretraining step
     print(f"linear probe ({args.pool}) top-1: {accuracy:.4f}")
     return metrics

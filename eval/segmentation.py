@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
     mae = common.build_model(checkpoint, args.device)
     train_set, test_set = seg_data.load_splits(args, checkpoint["model_args"]["img_size"])
-    with common.open_tracker(args, checkpoint, "segmentation") as tracker:
+    params = {"seg_dataset": args.dataset, "seg_head": "linear", "seg_epochs": args.epochs, "seg_lr": args.lr}
+    source = args.data or args.dataset
+    data = [common.tensor_data(args.dataset, source, split, part.images, part.labels)
+            for split, part in (("train", train_set), ("test", test_set))]
+    with common.open_tracker(args, checkpoint, "segmentation", params=params, data=data) as tracker:
         train_maps = patch_grid(features.extract_tokens(mae, train_set.images, args.batch_size, args.device))
         test_maps = patch_grid(features.extract_tokens(mae, test_set.images, args.batch_size, args.device))
         scores = probe_scores(
@@ -160,9 +164,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         dataset = args.dataset.replace("-", "_")
         metrics = {f"seg_{dataset}_{name}": value for name, value in scores.items()}
-        tracker.log_params({"seg_dataset": args.dataset, "seg_head": "linear", "seg_epochs": args.epochs,
-                            "seg_train_images": len(train_set.labels),
-                            "seg_test_images": len(test_set.labels)})
         tracker.log_metrics(metrics, step=checkpoint.get("step", 0))  # the pretraining step
     print(f"segmentation probe on {args.dataset}: "
           f"mIoU {scores['miou']:.4f}, pixel acc {scores['pixel_acc']:.4f}")

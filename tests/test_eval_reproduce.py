@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import reproduce
 
 from eval import seg_data
+from model import build_mae
 
 
 def test_full_crop_without_flip_is_a_plain_resize():
@@ -34,6 +35,58 @@ def test_crops_differ_per_sample_and_follow_the_seed():
     assert len({crop.sum().item() for crop in first}) == 8  # every sample its own crop
 
 
+TINY = {"embed_dim": 48, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+        "decoder_num_heads": 2}
+
+
+def record_pretraining(monkeypatch, mask: str, seed: int, data: dict, args) -> dict:
+    """Run `reproduce.pretrain` and keep what its model saw: initial weights, image and mask batches."""
+    seen = {"images": [], "masks": []}
+
+    def spy_build(*args, **kwargs):
+        mae = build_mae(*args, **kwargs, **TINY)  # a small model: the test is about what it is fed
+        seen["initial"] = {name: tensor.clone() for name, tensor in mae.state_dict().items()}
+        forward = mae.forward
+
+        def spy_forward(images, mask=None, *rest):
+            seen["images"].append(images.clone())
+            seen["masks"].append(mask.clone())
+            return forward(images, mask, *rest)
+
+        mae.forward = spy_forward
+        return mae
+
+    monkeypatch.setattr(reproduce, "build_mae", spy_build)
+    torch.rand(7)  # whatever ran before must not matter
+    reproduce.pretrain(mask, seed, data, args)
+    return seen
+
+
+def test_one_seed_is_a_controlled_experiment_only_the_mask_differs(monkeypatch):
+    args = reproduce.parse_args(["--quick", "--batch-size", "16", "--epochs", "2", "--device", "cpu"])
+    data = {"train_pixels": torch.randint(0, 256, (48, 28, 28), dtype=torch.uint8)}
+    random, green, other_seed = (record_pretraining(monkeypatch, mask, seed, data, args)
+                                 for mask, seed in (("random", 0), ("green", 0), ("random", 1)))
+    assert len(random["images"]) == len(green["images"]) == 2 * 3  # 2 epochs of 3 steps
+    for name, tensor in random["initial"].items():
+        assert torch.equal(tensor, green["initial"][name]), name
+    for step, (a, b) in enumerate(zip(random["images"], green["images"], strict=True)):
+        assert torch.equal(a, b), f"step {step}: the two masks saw different images"
+    assert all(not torch.equal(a, b) for a, b in zip(random["masks"], green["masks"], strict=True))
+    # the invariant is not vacuous: another seed starts elsewhere and sees other batches
+    assert not all(torch.equal(random["initial"][n], other_seed["initial"][n]) for n in random["initial"])
+    assert not torch.equal(random["images"][0], other_seed["images"][0])
+
+
+def test_budgets_and_the_gpu_budget_table_size():
+    gpu = reproduce.parse_args(["--budget", "gpu"])
+    assert (len(gpu.masks), len(gpu.seeds)) == (5, 3) and gpu.train_images == 60000
+    assert reproduce.parse_args(["--quick"]).budget == "quick"
+    assert reproduce.parse_args([]).budget == "full"
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--quick", "--budget", "gpu"])
+
+
 @pytest.mark.skipif(not list(Path(seg_data.FASHION_MNIST_DIR).glob("*idx3-ubyte*")),
                     reason="Debian package dataset-fashion-mnist is not installed")
 def test_tiny_budget_writes_report_and_json(tmp_path):
@@ -48,5 +101,12 @@ def test_tiny_budget_writes_report_and_json(tmp_path):
         assert 0 <= run["miou"] <= 1 and 0 < run["knn"] <= 1 and run["pretrain_seconds"] > 0
     report = (tmp_path / "results.md").read_text()
     assert "| random |" in report and "| green |" in report and "raw pixels" in report
+    assert "| untrained encoder, seed 0 (baseline) |" in report
+    assert 0 < result["untrained_encoder"]["knn"] <= 1
     assert "bench/reproduce.py --quick" in report and "Hardware: CPU" in report
     assert result["raw_pixels"]["knn"] > 0.3  # Fashion-MNIST pixels alone are far above chance
+    assert len({run["fingerprint"] for run in runs}) == 1
+    assert f"Fingerprint {runs[0]['fingerprint']}" in report and "![knn](results-charts/knn.png)" in report
+    assert "cannot tell: needs two seeds with both masks" in report  # one seed: no test possible
+    assert "estimated_seconds" in result and {p.name for p in (tmp_path / "results-charts").iterdir()} == {
+        "knn.png", "linear.png", "miou.png"}

@@ -34,6 +34,7 @@ import noise.stats
 import tracking
 import train
 from configs import load_config, to_dict
+from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae, load_mae
 from pipelines import scan
 
@@ -96,6 +97,8 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
     assert tags["checkpoint"] == "full/checkpoint-last.pth"  # relative to the runs root
     assert tags["mlflow.source.name"] == str(ROOT / "train.py") and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == train.git_commit()
+    cfg = train.parse_args(args(images, runs, "train.epochs=2", "log.run_name=full"))[0]
+    assert tags["colormae.fingerprint"] == fingerprint(cfg, scan(images).signature(), steps_per_epoch=6)[0]
     assert {"loss", "lr", "images_per_s", "data_wait", "step_time_s", "peak_mem_mb"} <= set(run.data.metrics)
     mask_stats = {name: value for name, value in run.data.metrics.items() if name.startswith("mask_stats/")}
     assert set(mask_stats) == {f"mask_stats/green/{name}" for name in noise.stats.STATISTICS}
