@@ -124,9 +124,8 @@ def find_comparisons(runs: pd.DataFrame) -> tuple[list[Comparison], list[str]]:
         return [], ["The experiment has no runs yet: pretrain first, e.g. `make train` "
                     "(python train.py --config configs/demo.yaml)."]
     if evaluations.empty:
-        first = pretrain.iloc[:1]  # train.py tags the checkpoint relative to its runs root
-        checkpoint = (str(Path(_column(first, "tags.runs_root").iloc[0]) / _column(first, "tags.checkpoint").iloc[0])
-                      if _column(first, "tags.checkpoint").iloc[0] else "runs/<run>/checkpoint-last.pth")
+        root, path = _column(pretrain, "tags.runs_root").iloc[0], _column(pretrain, "tags.checkpoint").iloc[0]
+        checkpoint = str(Path(root) / path) if path else "runs/<run>/checkpoint-last.pth"  # path: in root
         return [], [f"No evaluation runs yet ({len(pretrain)} pretraining run(s)); evaluate each checkpoint, "
                     f"e.g.:\n\n    {EVALUATE_HINT.format(checkpoint=checkpoint)}"]
     notes = []
