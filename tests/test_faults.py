@@ -216,7 +216,8 @@ def test_item4_eval_commands_are_one_line(tmp_path, images, capsys, monkeypatch)
     for main, argv, expected in [
         (knn.main, ["--checkpoint", str(missing), "--data", str(images)],
          f"checkpoint {missing} does not exist"),
-        (compare.main, ["--experiment", "nope", "--uri", store, "--out", str(tmp_path)], "experiment 'nope'"),
+        (compare.main, ["--experiment", "nope", "--mlflow-uri", store, "--out", str(tmp_path)],
+         "experiment 'nope'"),
     ]:
         monkeypatch.setattr(sys, "argv", ["eval", *argv])
         with pytest.raises(SystemExit) as err:
