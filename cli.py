@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-DEVICES = ("auto", "cpu", "cuda")
-LOADERS = ("torch", "dali", "ffcv")
+from configs.config import DEVICES, LOADERS  # the schema's own lists (configs imports no torch)
 
 
 def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

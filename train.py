@@ -412,17 +412,17 @@ class Trainer:
         env = tracking.environment()
         self.tracker.log_text("\n".join(env.pop("pip_freeze")) + "\n", "environment/pip-freeze.txt")
         self.tracker.log_text(json.dumps(env, indent=2) + "\n", "environment/environment.json")
-        if Path(self.cfg.data.path).is_dir():
-            manifest = scan(self.cfg.data.path, workers=self.cfg.data.workers or None)
-            self.tracker.log_dataset(Path(self.cfg.data.path).name, str(Path(self.cfg.data.path).resolve()),
-                                     manifest.signature(), len(manifest))
+        if self.loader.data_signature:  # the loader's own scan of the folder (none for a bare .beton)
+            data = Path(self.cfg.data.path)
+            self.tracker.log_dataset(data.name, str(data.resolve()), self.loader.data_signature,
+                                     self.loader.num_images)
 
-    def log_encoder(self, epochs_done: int, register: bool, fingerprint: str | None = None) -> None:
+    def log_encoder(self, epochs_done: int, register: bool) -> None:
         """The encoder (safetensors + card) as an MLflow logged model; registered at the end if asked."""
         if not self.tracker.enabled:
             return
         card = model_card(self.model.model_args, config=to_dict(self.cfg), epoch=epochs_done, step=self.step,
-                          final_loss=self.last_loss, run_id=self.tracker.run_id, fingerprint=fingerprint)
+                          final_loss=self.last_loss, run_id=self.tracker.run_id, fingerprint=self.fingerprint)
         with tempfile.TemporaryDirectory() as tmp:
             write_encoder(tmp, self.model.state_dict(), card)
             self.tracker.log_model_folder(tmp, "encoder", step=self.step, tags={"epoch": epochs_done},

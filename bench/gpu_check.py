@@ -233,7 +233,7 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
     tiny = ["--quick", "--masks", "random", "--seeds", "0", "--train-images", "64", "--test-images", "32",
             "--batch-size", "32", "--seg-train", "16", "--seg-test", "8", "--probe-epochs", "1"]
     parts.append(Part("reproduce", 120 if args.smoke else REPRODUCE_S,
-                      [py, str(script), "--device", s.device, *(tiny if args.smoke else []),
+                      [py, str(script), "--device", s.device, *(tiny if args.smoke else ["--budget", "gpu"]),
                        "--out", str(out / "reproduce.md"), "--json", str(out / "reproduce.json")],
                       read_json_rows, skip=reproduce_skip))
     if args.smoke:

@@ -143,6 +143,7 @@ class BaseLoader:
         self.classes: list[str] = manifest.classes if manifest else []
         self.num_skipped: int = manifest.num_skipped if manifest else 0
         self.data_signature: str = manifest.signature() if manifest else ""  # part of a run's fingerprint
+        self.num_images: int = len(manifest) if manifest else 0
         self.masks = MaskStage(cfg) if cfg.mask else None
         self.epoch = 0
         self._consumed = 0

@@ -128,6 +128,7 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
         tracking_uri=tracking.default_tracking_uri(runs)))
     card = json.loads((exported / "model-card.json").read_text())
     assert (card["steps"], card["images_seen"], card["pretraining_run_id"]) == (12, 96, run.info.run_id)
+    assert card["fingerprint"] == tags["colormae.fingerprint"]
     assert card["final_loss"] == client.get_metric_history(run.info.run_id, "loss")[-1].value
     vit = timm.create_model(card["timm_model"], pretrained=False, **card["timm_kwargs"])
     vit.load_state_dict(load_file(exported / "model.safetensors"), strict=True)
