@@ -39,6 +39,17 @@ def _data_caches_in_a_temporary_folder(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: identical results, and no OpenMP spinning on shared CPUs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_outside_tracking_server(monkeypatch):
     """Tests use their own MLflow stores, never a server named in the caller's environment."""

@@ -32,21 +32,14 @@ from model.checkpoint import read_checkpoint, save_checkpoint
 from pipelines import LoaderConfig, build_loader, scan
 
 # ffcv's numba-compiled pipelines raise a harmless KeyError in numba's finalizer at garbage collection.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.workers=0",
         "train.warmup_epochs=1", "log.every_steps=1"]
 SKIPPED = {"a/one.jpg": "too small", "b/dangling.jpg": "No such file", "b/loop.jpg": "symbolic links",
            "c/notes.jpg": "not an image"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -41,17 +41,9 @@ from pipelines import scan
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.workers=0",
         "train.warmup_epochs=1", "log.every_steps=1"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 CONTRACT_KEYS = {"model", "model_args", "optimizer", "scaler", "epoch", "step", "loader", "rng", "config",
                  "mlflow_run_id"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: identical results, and no OpenMP spinning when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
