@@ -50,17 +50,12 @@ class Loader(Protocol):
 
 
 def build_loader(cfg: LoaderConfig) -> Loader:
-    """Validate `cfg`, scan the data folder (cached manifest) and build the chosen backend."""
+    """Validate `cfg` and build the chosen backend (which scans the data folder: cached manifest)."""
     check_config(cfg)
     if cfg.loader == "ffcv":
-        from .ffcv_loader import FFCVLoader
-
-        return FFCVLoader(cfg)
-    manifest = scan(cfg.data, workers=cfg.workers or None)
-    if cfg.loader == "dali":
-        from .dali_loader import DALILoader
-
-        return DALILoader(cfg, manifest)
-    from .torch_loader import TorchLoader
-
-    return TorchLoader(cfg, manifest)
+        from .ffcv_loader import FFCVLoader as Backend
+    elif cfg.loader == "dali":
+        from .dali_loader import DALILoader as Backend
+    else:
+        from .torch_loader import TorchLoader as Backend
+    return Backend(cfg)

@@ -1,4 +1,5 @@
-"""What every backend shares: the config check, the mask stage, sharding, normalisation, resume."""
+"""What every backend shares: the config check, the folder scan, sample order and sharding, the mask
+stage, normalisation, exact resume."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .manifest import Manifest, scan
+
 if TYPE_CHECKING:
     from . import LoaderConfig
-    from .manifest import Manifest
 
 LOADERS = ("torch", "dali", "ffcv")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,8 +96,8 @@ def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 class MaskStage:
     """The ColorMAE mask stage, shared by all backends: the masks of batch `index` of `epoch`.
 
-    A pure function of (seed, rank, epoch, index) (see `noise.MaskGenerator`), so no backend keeps
-    or rewinds mask state. A short last batch gets the first rows of a full batch's masks.
+    A pure function of (seed, rank, epoch, index) (see `noise.MaskGenerator`), so it has no state to
+    select, save or rewind. A short last batch gets the first rows of a full batch's masks.
     """
 
     def __init__(self, cfg: LoaderConfig):
@@ -103,7 +105,7 @@ class MaskStage:
 
         self.device = torch.device(cfg.device)
         self.batch_size = cfg.batch_size
-        self.generator = MaskGenerator(
+        self._generator = MaskGenerator(
             cfg.mask,
             grid=cfg.img_size // cfg.patch_size,
             mask_ratio=cfg.mask_ratio,
@@ -117,7 +119,7 @@ class MaskStage:
     def raw(self, epoch: int, index: int, rows: int | None = None):
         """Bool (rows, G*G) masks as the generator's array type (numpy on CPU, CuPy on CUDA)."""
         start = time.perf_counter()
-        mask = self.generator(self.batch_size, epoch=epoch, index=index)[:rows]
+        mask = self._generator(self.batch_size, epoch=epoch, index=index)[:rows]
         self.seconds += time.perf_counter() - start
         return mask
 
@@ -129,37 +131,54 @@ class MaskStage:
 
 
 class BaseLoader:
-    """Epoch bookkeeping and exact resume; a backend only implements `_batches(skip)`.
+    """What every backend shares: the folder scan, the epoch's sample order and length, the mask and
+    exact resume. A backend implements `_batches(skip)` and sets `num_images` if it reads another source.
 
     `state_dict()` records the epoch and the batches consumed in it; after `load_state_dict()` the
     next iteration starts at the first unconsumed batch. Calling `set_epoch()` with the restored
-    epoch keeps that pending resume point. Masks need no state: `self.masks(epoch, index, rows)`.
+    epoch keeps that pending resume point. Masks need no state: batch `index` of `epoch` gets
+    `self.masks(epoch, index, rows)`.
     """
 
-    def __init__(self, cfg: LoaderConfig, manifest: Manifest | None):
+    requires_data = True  # False: the backend can read another source when `cfg.data` is empty
+
+    def __init__(self, cfg: LoaderConfig):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.drop_last = cfg.train if cfg.drop_last is None else cfg.drop_last
+        manifest = scan(cfg.data, workers=cfg.workers or None) if cfg.data or self.requires_data else None
+        self.manifest: Manifest | None = manifest
         self.classes: list[str] = manifest.classes if manifest else []
         self.num_skipped: int = manifest.num_skipped if manifest else 0
         self.data_signature: str = manifest.signature() if manifest else ""  # part of a run's fingerprint
-        self.num_images: int = len(manifest) if manifest else 0
+        self.num_images: int = len(manifest) if manifest else 0  # samples per epoch, all ranks together
         self.masks = MaskStage(cfg) if cfg.mask else None
         self.epoch = 0
         self._consumed = 0
         self._resume_at = 0
 
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield (images, labels, mask) of this epoch, starting after `skip` batches."""
+        """Yield (images, labels, mask) of this epoch, starting after `skip` batches; mask is None
+        unless the backend draws it in its own pipeline (then the loader attaches it here)."""
         raise NotImplementedError
 
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of `epoch`, in reading order: its shard of the (seed, epoch) order."""
+        cfg = self.cfg
+        order = epoch_order(self.num_images, seed=cfg.seed, epoch=epoch, shuffle=cfg.train)
+        return shard(order, cfg.rank, cfg.world_size, equal=self.drop_last)
+
     def __len__(self) -> int:
-        raise NotImplementedError
+        cfg = self.cfg
+        count = len(shard(np.arange(self.num_images), cfg.rank, cfg.world_size, equal=self.drop_last))
+        return num_batches(count, cfg.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[dict]:
         skip, self._resume_at = self._resume_at, 0
         self._consumed = skip
         for images, labels, mask in self._batches(skip):
+            if mask is None and self.masks:
+                mask = self.masks(self.epoch, self._consumed, len(labels))
             self._consumed += 1
             yield {"images": images, "mask": mask, "labels": labels}
 

@@ -1,8 +1,8 @@
 """The DALI backend: file reader, decoder ('mixed' on GPU, 'cpu' otherwise) and augmentation in one
 pipeline; the mask enters through `fn.external_source`, fed by the shared mask stage.
 
-The pipeline is built once per epoch over that epoch's file order (the same (seed, epoch)
-permutation as the torch backend), and DALI's reader shards it with shard_id / num_shards.
+The pipeline is built once per epoch over this rank's files of that epoch, in order (the shared
+(seed, epoch) permutation and rank shard, `BaseLoader.epoch_indices`, as in the other backends).
 The masks of a batch depend only on (seed, rank, epoch, batch index), which is DALI's iteration
 number, so DALI's run-ahead needs no bookkeeping. Mid-epoch resume fast-forwards: the consumed
 batches are decoded again and dropped, so sample order, DALI's seeded augmentation and the masks
@@ -11,7 +11,8 @@ continue exactly.
 
 from __future__ import annotations
 
-import numpy as np
+import itertools
+
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -22,22 +23,17 @@ from .base import (
     TRAIN_RATIO,
     TRAIN_SCALE,
     BaseLoader,
-    epoch_order,
     eval_crop_fraction,
-    num_batches,
     sample_seed,
-    shard,
 )
-from .manifest import Manifest
 
 
 @pipeline_def
-def image_pipeline(files, labels, *, shard_id, num_shards, img_size, train, gpu, mask_source):
-    """Read, decode, crop/resize, flip, normalise to CHW float; append the external mask."""
+def image_pipeline(files, labels, *, img_size, train, gpu, mask_source):
+    """Read `files` in order, decode, crop/resize, flip, normalise to CHW float; append the external mask."""
     jpegs, label = fn.readers.file(
-        files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=False, pad_last_batch=True, name="reader",
-    )  # fmt: skip
+        files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader"
+    )
     decoder = "mixed" if gpu else "cpu"
     cubic = types.INTERP_CUBIC
     if train:
@@ -68,43 +64,29 @@ def image_pipeline(files, labels, *, shard_id, num_shards, img_size, train, gpu,
 class DALILoader(BaseLoader):
     """DALI pipeline + DALIGenericIterator; CPU-only with device_id=None when cfg.device is 'cpu'."""
 
-    def __init__(self, cfg, manifest: Manifest):
-        super().__init__(cfg, manifest)
-        self.files, self.labels = manifest.files, manifest.labels
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.gpu = self.device.type == "cuda"
 
-    def _epoch_files(self) -> tuple[list[str], list[int]]:
-        """This epoch's global file order (DALI's reader then takes this rank's shard)."""
-        order = epoch_order(len(self.files), seed=self.cfg.seed, epoch=self.epoch, shuffle=self.cfg.train)
-        if self.drop_last:  # equal shards: the same number of steps on every rank
-            order = order[: len(order) // self.cfg.world_size * self.cfg.world_size]
-        return [self.files[i] for i in order], [self.labels[i] for i in order]
-
-    def __len__(self) -> int:
-        cfg = self.cfg
-        count = len(shard(np.arange(len(self.files)), cfg.rank, cfg.world_size, equal=self.drop_last))
-        return num_batches(count, cfg.batch_size, self.drop_last)
-
     def _batches(self, skip: int):
-        cfg = self.cfg
-        files, labels = self._epoch_files()
-        epoch, masks = self.epoch, self.masks
+        cfg, epoch, masks = self.cfg, self.epoch, self.masks
+        indices = self.epoch_indices(epoch)
+        files = [self.manifest.files[i] for i in indices]
+        labels = [self.manifest.labels[i] for i in indices]
 
         def mask_source(index: int):  # DALI passes its iteration number: the batch index in this epoch
             return masks.raw(epoch, index)
 
         pipe = image_pipeline(
-            files, labels, shard_id=cfg.rank, num_shards=cfg.world_size, img_size=cfg.img_size,
-            train=cfg.train, gpu=self.gpu, mask_source=mask_source if masks else None,
+            files, labels, img_size=cfg.img_size, train=cfg.train, gpu=self.gpu,
+            mask_source=mask_source if masks else None,
             batch_size=cfg.batch_size, num_threads=max(cfg.workers, 1),
             device_id=(self.device.index or 0) if self.gpu else None,
-            seed=sample_seed(cfg.seed, self.epoch, cfg.rank) % 2**31,
+            seed=sample_seed(cfg.seed, epoch, cfg.rank) % 2**31,
         )  # fmt: skip
-        names = ["images", "labels"] + (["mask"] if self.masks else [])
+        names = ["images", "labels"] + (["mask"] if masks else [])
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         iterator = DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=policy)
-        for step, (out,) in enumerate(iterator):
-            if step < skip:
-                continue
+        for (out,) in itertools.islice(iterator, skip, None):
             labels = out["labels"].view(-1).long()
-            yield out["images"], labels, out["mask"].view(len(labels), -1) if self.masks else None
+            yield out["images"], labels, out["mask"].view(len(labels), -1) if masks else None

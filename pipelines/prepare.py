@@ -11,6 +11,7 @@ import argparse
 import gzip
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,6 +23,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .manifest import Manifest, exclusive, scan
+
+log = logging.getLogger(__name__)
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -31,6 +36,7 @@ FASHION_MNIST_SPLITS = {"train": "train", "val": "t10k"}
 STAMP = ".prepared.json"
 # Where the JPEG corpus takes its photos from: (module, folder inside it), the first installed one wins.
 PHOTO_SOURCES = (("mvtbdata", "images"), ("skimage", "data"), ("matplotlib", "mpl-data/sample_data"))
+BETON_WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -139,6 +145,84 @@ def prepare_jpeg_corpus(out: Path, *, n: int = 2000, classes: int = 10, seed: in
     return out
 
 
+class _ManifestImages:
+    """(RGB PIL image, label) pairs of the manifest's good files, as ffcv's writer wants them."""
+
+    def __init__(self, manifest: Manifest):
+        self.files, self.labels = manifest.files, manifest.labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        with Image.open(self.files[index]) as img:
+            return img.convert("RGB"), self.labels[index]
+
+
+def write_beton(
+    manifest: Manifest,
+    out: str | os.PathLike,
+    *,
+    max_resolution: int = 512,
+    jpeg_quality: int = 90,
+    write_mode: str = "jpg",
+    workers: int | None = None,
+) -> Path:
+    """Write the manifest's good files to `out` (.beton) plus `out`.json with classes and skips.
+
+    ffcv's writer forks worker processes: call it from a process that runs no decoder threads yet
+    (`python -m pipelines.prepare ffcv`, as `ensure_beton` does).
+    """
+    from ffcv.fields import IntField, RGBImageField  # ffcv only where a .beton is written
+    from ffcv.writer import DatasetWriter
+
+    if write_mode not in BETON_WRITE_MODES:
+        raise ValueError(f"write_mode={write_mode!r}: allowed values are {', '.join(BETON_WRITE_MODES)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality={jpeg_quality} must be in [1, 100]")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    image = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality)
+    writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=workers or -1)
+    writer.from_indexed_dataset(_ManifestImages(manifest))
+    meta = {"classes": manifest.classes, "num_skipped": manifest.num_skipped}
+    Path(f"{out}.json").write_text(json.dumps(meta))
+    os.replace(tmp, out)
+    return out
+
+
+def ensure_beton(manifest: Manifest | None, ffcv_path: str | None, workers: int) -> Path:
+    """The .beton the ffcv loader reads: `ffcv_path`, else one in the data folder's cache named by the
+    manifest's signature (a changed folder gets a new file). A missing one is written from the
+    manifest's folder by one rank at a time, in a fresh `python -m pipelines.prepare ffcv` process:
+    ffcv's writer forks, which is unsafe once this process runs decoder threads (torch, DALI, numba).
+    """
+    path = Path(ffcv_path) if ffcv_path else None
+    if path is None:
+        if manifest is None:
+            raise ValueError("the ffcv loader needs `data` (a class folder) or `ffcv_path` (a .beton)")
+        path = manifest.cache_dir / f"ffcv-{manifest.signature()}.beton"
+    if path.exists():
+        return path
+    if manifest is None:
+        raise FileNotFoundError(f"ffcv_path {path} does not exist and `data` is not set to write it")
+    with exclusive(path.with_name(path.name + ".lock")):  # one writer among concurrent ranks
+        if not path.exists():
+            _write_beton_in_subprocess(manifest.root, path, workers)
+    return path
+
+
+def _write_beton_in_subprocess(src: Path, out: Path, workers: int) -> None:
+    log.warning("writing %s from %s (first use of the ffcv loader on this folder)", out, src)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "pipelines.prepare", "ffcv", "--src", str(src), "--out", str(out)]
+    subprocess.run([*command, "--workers", str(workers or os.cpu_count())], check=True, env=env)
+    log.warning("wrote %s (%.1f MB); data.ffcv_path=PATH or COLORMAE_CACHE=DIR puts .beton files on "
+                "another disk", out, out.stat().st_size / 2**20)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     ff.add_argument("--out", type=Path, required=True)
     ff.add_argument("--max-resolution", type=int, default=512, help="longest side kept (pixels)")
     ff.add_argument("--jpeg-quality", type=int, default=90)
-    ff.add_argument("--write-mode", default="jpg", help="raw | jpg | smart | proportion")
+    ff.add_argument("--write-mode", default="jpg", help=" | ".join(BETON_WRITE_MODES))
     ff.add_argument("--workers", type=int, default=None)
     jc = commands.add_parser("jpeg-corpus", help="ImageNet-like JPEG folders cut from real photos")
     jc.add_argument("--out", type=Path, required=True)
@@ -165,9 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "jpeg-corpus":
         prepare_jpeg_corpus(args.out, n=args.n, classes=args.classes)
     else:
-        from .ffcv_loader import write_beton
-        from .manifest import scan
-
         manifest = scan(args.src, workers=args.workers)
         path = write_beton(manifest, args.out, max_resolution=args.max_resolution,
                            jpeg_quality=args.jpeg_quality, write_mode=args.write_mode, workers=args.workers)

@@ -19,12 +19,9 @@ from .base import (
     TRAIN_RATIO,
     TRAIN_SCALE,
     BaseLoader,
-    epoch_order,
     eval_crop_side,
     normalize,
-    num_batches,
     sample_seed,
-    shard,
 )
 from .manifest import Manifest
 
@@ -104,14 +101,12 @@ class ManifestDataset(Dataset):
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of (epoch, index) for this rank, skipping the first `skip` batches undecoded."""
 
-    def __init__(self, loader: TorchLoader, num_samples: int):
-        self.loader, self.num_samples = loader, num_samples
+    def __init__(self, loader: TorchLoader):
+        self.loader = loader
         self.skip = 0
 
     def indices(self) -> np.ndarray:
-        cfg = self.loader.cfg
-        order = epoch_order(self.num_samples, seed=cfg.seed, epoch=self.loader.epoch, shuffle=cfg.train)
-        return shard(order, cfg.rank, cfg.world_size, equal=self.loader.drop_last)
+        return self.loader.epoch_indices(self.loader.epoch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         indices, batch = self.indices(), self.loader.cfg.batch_size
@@ -119,9 +114,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(self.loader.epoch, int(i)) for i in indices[b * batch : (b + 1) * batch]]
 
     def __len__(self) -> int:
-        cfg = self.loader.cfg
-        count = len(shard(np.arange(self.num_samples), cfg.rank, cfg.world_size, equal=self.loader.drop_last))
-        return num_batches(count, cfg.batch_size, self.loader.drop_last)
+        return len(self.loader)
 
 
 class TorchLoader(BaseLoader):
@@ -131,14 +124,13 @@ class TorchLoader(BaseLoader):
     CPU the workers normalise (the main process would otherwise do it serially).
     """
 
-    def __init__(self, cfg, manifest: Manifest):
-        super().__init__(cfg, manifest)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.on_device = self.device.type == "cuda"
         transform = build_transform(cfg.img_size, cfg.train, normalise=not self.on_device)
-        dataset = ManifestDataset(manifest, transform, cfg.seed, cfg.train)
-        self.sampler = EpochBatchSampler(self, len(dataset))
+        self.sampler = EpochBatchSampler(self)
         self.dataloader = DataLoader(
-            dataset,
+            ManifestDataset(self.manifest, transform, cfg.seed, cfg.train),
             batch_sampler=self.sampler,
             num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda",
@@ -146,12 +138,8 @@ class TorchLoader(BaseLoader):
             worker_init_fn=obey_only_parent_stop_signals,
         )
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
     def _batches(self, skip: int):
         self.sampler.skip = skip
-        for index, (images, labels) in enumerate(self.dataloader, start=skip):
+        for images, labels in self.dataloader:
             images = normalize(images, self.device) if self.on_device else images
-            labels = labels.to(self.device, non_blocking=True)
-            yield images, labels, self.masks(self.epoch, index, len(labels)) if self.masks else None
+            yield images, labels.to(self.device, non_blocking=True), None
