@@ -158,8 +158,8 @@ class BaseLoader:
         self._resume_at = 0
 
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield (images, labels, mask) of this epoch, starting after `skip` batches; mask is None
-        unless the backend draws it in its own pipeline (then the loader attaches it here)."""
+        """Yield (images, labels, mask) of this epoch, starting after `skip` batches. `mask` is None
+        (`__iter__` attaches the mask stage's) unless the backend's own pipeline draws it (DALI)."""
         raise NotImplementedError
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
