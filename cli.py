@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from configs.config import DEVICES, LOADERS  # the schema's own lists (configs imports no torch)
+from configs.config import DEVICES  # the config sections' own lists (they import no torch)
+from pipelines.config import LOADERS
 
 
 def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

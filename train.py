@@ -180,12 +180,9 @@ class Trainer:
 
         self.model = build_mae(cfg.model.preset, **model_kwargs(cfg)).to(self.device)
         self.micro_batch = t.batch_size // (self.world * t.accum_steps)
-        self.loader = build_loader(LoaderConfig(
-            loader=cfg.data.loader, data=cfg.data.path, ffcv_path=cfg.data.ffcv_path,
-            img_size=cfg.data.img_size, patch_size=self.model.patch_size, batch_size=self.micro_batch,
-            mask=cfg.mask.schedule, mask_ratio=cfg.mask.ratio, mask_bank=cfg.mask.bank, seed=t.seed,
-            rank=self.rank, world_size=self.world, device=str(self.device),
-            **({} if cfg.data.workers is None else {"workers": cfg.data.workers})))
+        self.loader = build_loader(LoaderConfig.from_sections(
+            cfg.data, cfg.mask, patch_size=self.model.patch_size, batch_size=self.micro_batch, seed=t.seed,
+            rank=self.rank, world_size=self.world, device=str(self.device)))
         self.steps_per_epoch = min(len(self.loader) // t.accum_steps, t.steps_per_epoch or len(self.loader))
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data.path {cfg.data.path} has too few images for a step of {t.batch_size}")
@@ -281,7 +278,7 @@ class Trainer:
             last = micro == t.accum_steps - 1  # DDP all-reduces the gradients on the last micro-batch only
             with self.ddp.no_sync() if self.world > 1 and not last else nullcontext(), \
                     torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                loss = self.ddp(images, mask, self.cfg.mask.ratio)[0]
+                loss = self.ddp(images, mask)[0]
             self.scaler.scale(loss / t.accum_steps).backward()
             loss_sum += loss.detach().float()
         stop_flag = torch.tensor(float(bool(self.stop_signals)), device=self.device)
@@ -460,8 +457,8 @@ def git_commit() -> str:
 def dry_run(cfg: Config) -> nn.Module:
     """--dry-run: scan the data and build the model (no run folder, no MLflow run, no step)."""
     model = build_mae(cfg.model.preset, **model_kwargs(cfg))
-    if cfg.data.loader == "ffcv" and cfg.data.ffcv_path and Path(cfg.data.ffcv_path).is_file():
-        data = f"{cfg.data.ffcv_path} (ffcv)"
+    if cfg.data.beton:
+        data = f"{cfg.data.beton} (ffcv)"
     else:
         manifest = scan(cfg.data.path, workers=cfg.data.workers or None)
         data = f"{len(manifest)} images in {len(manifest.classes)} classes ({manifest.num_skipped} skipped)"

@@ -1,8 +1,9 @@
-"""Training configuration (schema, YAML + overrides, validation); see configs/config.py."""
+"""The trainer's configuration: the packages' sections composed, YAML + overrides, validation."""
 
 from configs.config import (
     Config,
     ConfigError,
+    TrainConfig,
     dump_config,
     flatten,
     from_dict,
@@ -12,5 +13,5 @@ from configs.config import (
     validate,
 )
 
-__all__ = ["Config", "ConfigError", "dump_config", "flatten", "from_dict", "load_config", "model_kwargs",
-           "to_dict", "validate"]
+__all__ = ["Config", "ConfigError", "TrainConfig", "dump_config", "flatten", "from_dict", "load_config",
+           "model_kwargs", "to_dict", "validate"]

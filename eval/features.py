@@ -113,15 +113,15 @@ def check_split(root: str | Path, split: str) -> Path:
 def checkpoint_features(checkpoint: dict, args: argparse.Namespace, pool: str):
     """((train features, labels), (val features, labels)) of the checkpoint's encoder on `args.data`."""
     from eval import common
-    from pipelines import LoaderConfig, build_loader
+    from pipelines import DataConfig, LoaderConfig, build_loader
 
     mae = common.build_model(checkpoint, args.device)
     img_size, patch_size = checkpoint["model_args"]["img_size"], checkpoint["model_args"]["patch_size"]
     splits = []
     for split in ("train", "val"):
         folder = check_split(args.data, split)
-        config = LoaderConfig(loader=args.loader, data=str(folder), img_size=img_size, patch_size=patch_size,
-                              batch_size=args.batch_size, workers=args.workers, train=False, mask=None,
-                              seed=args.seed, device=args.device, drop_last=False)
+        data = DataConfig(loader=args.loader, path=str(folder), img_size=img_size, workers=args.workers)
+        config = LoaderConfig.from_sections(data, patch_size=patch_size, batch_size=args.batch_size,
+                                            train=False, seed=args.seed, device=args.device)
         splits.append(loader_features(mae, build_loader(config), args.device, pool))
     return tuple(splits)

@@ -1,14 +1,21 @@
-"""MAE model: ViT encoder on the visible patches, light decoder, public-MAE parameter names."""
+"""MAE model: ViT encoder on the visible patches, light decoder, public-MAE parameter names.
 
-from model.checkpoint import (
-    CheckpointError,
-    build_timm_encoder,
-    export_encoder,
-    load_encoder,
-    load_mae,
-    read_checkpoint,
-)
-from model.mae import PRESETS, MaskedAutoencoderViT, build_mae
+The torch parts load on first use, so `model.config` (the config section) imports without torch.
+"""
 
-__all__ = ["PRESETS", "CheckpointError", "MaskedAutoencoderViT", "build_mae", "build_timm_encoder",
-           "export_encoder", "load_encoder", "load_mae", "read_checkpoint"]
+from importlib import import_module
+
+from model.config import ModelConfig
+
+_LAZY = {
+    **dict.fromkeys(("PRESETS", "MaskedAutoencoderViT", "build_mae", "mask_to_ids"), "model.mae"),
+    **dict.fromkeys(("CheckpointError", "build_timm_encoder", "export_encoder", "load_encoder", "load_mae",
+                     "read_checkpoint"), "model.checkpoint"),
+}
+__all__ = ["ModelConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name]), name)

@@ -12,8 +12,6 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from noise import mask_to_ids
-
 _PAPER_DECODER = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 _LIGHT_DECODER = {"decoder_embed_dim": 256, "decoder_depth": 4, "decoder_num_heads": 8}
 
@@ -47,6 +45,24 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> Tensor:
         parts += [angles.sin(), angles.cos()]
     emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), torch.cat(parts, dim=1)])
     return emb.float()
+
+
+def mask_to_ids(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``ids_keep`` (B, K) and ``ids_restore`` (B, L), int64, for a bool mask (B, L), True = masked.
+
+    The shuffle order lists visible patches first, each group in ascending patch order, so
+    ``ids_keep`` is sorted and ``torch.gather(shuffled, 1, ids_restore)`` restores patch order.
+    K is read on the host in one transfer (the one sync of a forward pass).
+    """
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(f"mask must be a bool tensor (B, L); got {mask.dtype} of shape {tuple(mask.shape)}")
+    visible = (~mask).sum(dim=1)
+    fewest, most = torch.stack(torch.aminmax(visible)).tolist()
+    if fewest != most:
+        raise ValueError(f"every mask row needs the same number of visible patches; got {visible.tolist()}")
+    ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return ids_shuffle[:, :fewest], ids_restore
 
 
 class MaskedAutoencoderViT(nn.Module):

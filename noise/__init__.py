@@ -12,50 +12,26 @@ Defaults (all configurable, and stored with every cached bank):
 - statistics: neighbour agreement, visible region size and spectral band shares (``noise.stats``).
 
 ``python -m noise.show --out masks.png`` draws a gallery of textures, masks and spectra and prints
-the statistics of each mask type.
+the statistics of each mask type. The modules load on first use, so `noise.config` (the config
+section) imports without torch.
 """
 
-from noise.bank import (
-    BANK_VERSION,
-    DEFAULT_COUNT,
-    DEFAULT_SIZE,
-    bank_params,
-    default_cache_dir,
-    load_pattern_file,
-    pattern_bank,
-)
-from noise.masks import MASK_TYPES, MaskGenerator, colour_at, mask_to_ids, mask_to_torch, parse_schedule
-from noise.textures import (
-    COLOURS,
-    DEFAULT_ITERATIONS,
-    DEFAULT_SIGMA,
-    DEFAULT_SIGMAS,
-    colour_noise,
-    get_xp,
-    radial_power_spectrum,
-    rank_normalise,
-)
+from importlib import import_module
 
-__all__ = [
-    "BANK_VERSION",
-    "COLOURS",
-    "DEFAULT_COUNT",
-    "DEFAULT_ITERATIONS",
-    "DEFAULT_SIGMA",
-    "DEFAULT_SIGMAS",
-    "DEFAULT_SIZE",
-    "MASK_TYPES",
-    "MaskGenerator",
-    "bank_params",
-    "colour_at",
-    "colour_noise",
-    "default_cache_dir",
-    "get_xp",
-    "load_pattern_file",
-    "mask_to_ids",
-    "mask_to_torch",
-    "parse_schedule",
-    "pattern_bank",
-    "radial_power_spectrum",
-    "rank_normalise",
-]
+from noise.config import MaskConfig, check_ratio
+
+_LAZY = {
+    **dict.fromkeys(("BANK_VERSION", "DEFAULT_COUNT", "DEFAULT_SIZE", "bank_params", "default_cache_dir",
+                     "load_pattern_file", "pattern_bank"), "noise.bank"),
+    **dict.fromkeys(("MASK_TYPES", "MaskGenerator", "colour_at", "mask_to_torch", "parse_schedule"),
+                    "noise.masks"),
+    **dict.fromkeys(("COLOURS", "DEFAULT_ITERATIONS", "DEFAULT_SIGMA", "DEFAULT_SIGMAS", "colour_noise",
+                     "get_xp", "radial_power_spectrum", "rank_normalise"), "noise.textures"),
+}
+__all__ = ["MaskConfig", "check_ratio", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'noise' has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name]), name)

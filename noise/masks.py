@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from noise.bank import bank_params, load_pattern_file, pattern_bank
+from noise.config import check_ratio
 from noise.textures import COLOURS, check_colour, get_xp, rank_normalise
 
 MASK_TYPES = (*COLOURS, "random")
@@ -76,8 +77,7 @@ class MaskGenerator:
         cache_dir: str | Path | None = None,
         bank_options: dict | None = None,
     ):
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1); got {mask_ratio}")
+        check_ratio(mask_ratio)
         if grid < 1:
             raise ValueError(f"grid must be >= 1; got {grid}")
         self.schedule = parse_schedule(schedule)
@@ -177,18 +177,3 @@ def mask_to_torch(mask, device: str | torch.device | None = None) -> torch.Tenso
     tensor = torch.from_dlpack(mask.view("uint8")).view(torch.bool)
     return tensor if device is None else tensor.to(device, non_blocking=True)
 
-
-def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids_keep`` (B, K) and ``ids_restore`` (B, L), int64, for a bool mask (B, L), True = masked.
-
-    The shuffle order lists visible patches first, each group in ascending patch order, so
-    ``ids_keep`` is sorted and ``torch.gather(shuffled, 1, ids_restore)`` restores patch order.
-    """
-    if mask.dtype != torch.bool or mask.ndim != 2:
-        raise ValueError(f"mask must be a bool tensor (B, L); got {mask.dtype} of shape {tuple(mask.shape)}")
-    visible = (~mask).sum(dim=1)
-    if not bool((visible == visible[0]).all()):
-        raise ValueError(f"every mask row needs the same number of visible patches; got {visible.tolist()}")
-    ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle[:, : int(visible[0])], ids_restore

@@ -1,5 +1,5 @@
-"""What every backend shares: the config check, the folder scan, sample order and sharding, the mask
-stage, normalisation, exact resume."""
+"""What every backend shares: the folder scan, sample order and sharding, the mask stage,
+normalisation, exact resume."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import torch
 from .manifest import Manifest, scan
 
 if TYPE_CHECKING:
-    from . import LoaderConfig
+    from .config import LoaderConfig
 
-LOADERS = ("torch", "dali", "ffcv")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_SCALE = (0.2, 1.0)
@@ -34,27 +33,6 @@ def eval_crop_fraction(img_size: int) -> float:
 
 def eval_crop_side(height: int, width: int, img_size: int) -> int:
     return int(min(height, width) * eval_crop_fraction(img_size))
-
-
-def check_config(cfg: LoaderConfig) -> None:
-    """Raise ValueError naming the bad field and the allowed values."""
-    if cfg.loader not in LOADERS:
-        raise ValueError(f"loader={cfg.loader!r}: allowed values are {', '.join(LOADERS)}")
-    if cfg.img_size <= 0 or cfg.patch_size <= 0 or cfg.img_size % cfg.patch_size:
-        raise ValueError(f"img_size={cfg.img_size} must be a multiple of patch_size={cfg.patch_size} (> 0)")
-    if cfg.batch_size <= 0:
-        raise ValueError(f"batch_size={cfg.batch_size} must be positive")
-    if cfg.workers < 0:
-        raise ValueError(f"workers={cfg.workers} must be >= 0")
-    if not 0 <= cfg.rank < cfg.world_size:
-        raise ValueError(f"rank={cfg.rank} must be in [0, world_size={cfg.world_size})")
-    if not 0.0 < cfg.mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio={cfg.mask_ratio} must be in (0, 1)")
-    device = torch.device(cfg.device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={cfg.device!r}: allowed values are 'cpu' and 'cuda[:N]'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} but no CUDA device is available; use device='cpu'")
 
 
 def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

@@ -5,8 +5,7 @@ import timm
 import timm.optim
 import torch
 
-from model import PRESETS, build_mae, build_timm_encoder, export_encoder, load_encoder, load_mae
-from noise import mask_to_ids
+from model import PRESETS, build_mae, build_timm_encoder, export_encoder, load_encoder, load_mae, mask_to_ids
 
 BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",

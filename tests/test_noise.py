@@ -9,6 +9,7 @@ from scipy import ndimage, stats
 
 import noise
 import noise.stats
+from model import mask_to_ids
 from noise import (
     COLOURS,
     MASK_TYPES,
@@ -16,7 +17,6 @@ from noise import (
     colour_at,
     colour_noise,
     load_pattern_file,
-    mask_to_ids,
     mask_to_torch,
     parse_schedule,
     pattern_bank,

@@ -1,0 +1,44 @@
+"""The `mask:` section of a training config and the mask-ratio check, declared beside the masks.
+
+Imports nothing heavy (the mask modules load inside `check`), so `train.py --print-config` reads
+the schema before torch loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise ValueError unless 0 < ratio < 1 (the share of patches hidden)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1); got {ratio}")
+
+
+@dataclass
+class MaskConfig:
+    schedule: str = "green"  # a colour, `random`, or `colour@epoch,...`
+    ratio: float = 0.75  # share of patches hidden
+    bank: str | None = None  # the authors' pattern file (.npz) instead of generated noise
+
+    def check(self) -> list[str]:
+        """Problems, one line each naming its key: the ratio, the schedule, an unreadable bank."""
+        from noise.bank import load_pattern_file
+        from noise.masks import MASK_TYPES, parse_schedule
+
+        problems = []
+        try:
+            check_ratio(self.ratio)
+        except ValueError:
+            problems.append(f"mask.ratio {self.ratio} must lie strictly between 0 and 1")
+        try:
+            parse_schedule(self.schedule)
+        except ValueError as err:
+            problems.append(f"mask.schedule '{self.schedule}' is invalid ({err}); use one of "
+                            f"{', '.join(MASK_TYPES)} or colour@epoch pairs like green@0,blue@200")
+        if self.bank:
+            try:
+                load_pattern_file(self.bank)
+            except (OSError, ValueError) as err:
+                problems.append(f"mask.bank '{self.bank}': {err}")
+        return problems
