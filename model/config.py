@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
+    """The `model:` section: which MAE to build."""
+
     preset: str = "vit_base"  # a key of model.PRESETS
     norm_pix_loss: bool = True  # per-patch normalised pixel targets
     args: dict = field(default_factory=dict)  # extra build_mae keyword arguments, e.g. {depth: 2}

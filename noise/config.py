@@ -17,6 +17,8 @@ def check_ratio(ratio: float) -> None:
 
 @dataclass
 class MaskConfig:
+    """The `mask:` section: which masks hide which share of the patches."""
+
     schedule: str = "green"  # a colour, `random`, or `colour@epoch,...`
     ratio: float = 0.75  # share of patches hidden
     bank: str | None = None  # the authors' pattern file (.npz) instead of generated noise

@@ -34,6 +34,8 @@ def _shared_problems(loader: str, workers: int | None) -> list[str]:
 
 @dataclass
 class DataConfig:
+    """The `data:` section: which images, read by which loader."""
+
     loader: str = "torch"  # torch | dali | ffcv
     path: str = "data/imagenet/train"  # class-folder root of the training split
     ffcv_path: str | None = None  # .beton for the ffcv loader (built from `path` when None)
@@ -61,6 +63,8 @@ class DataConfig:
 
 @dataclass
 class LoaderConfig:
+    """What one rank's loader runs with (see `build_loader`)."""
+
     loader: str = "torch"  # torch | dali | ffcv
     data: str = ""  # class-folder root (the train/ or val/ split folder itself)
     ffcv_path: str | None = None  # .beton for the ffcv loader (built from `data` when None)
