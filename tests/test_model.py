@@ -1,5 +1,9 @@
 """MAE model: masking, loss, public-MAE names, timm export and checkpoint errors (demo sizes, CPU)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import timm.optim
@@ -77,6 +81,17 @@ def test_encoder_sees_exactly_the_visible_patches(demo):
     assert seen[0] == (2, 1 + 16, 192)
     torch.testing.assert_close(latent_out[1], latent_out[0])  # masked patch changed: same encoding
     assert not torch.allclose(latent_out[2][0], latent_out[0][0])  # visible patch changed: differs
+
+
+def test_the_model_imports_no_other_package_of_the_project():
+    """model/ stands alone: building and running an MAE loads none of noise, pipelines, configs, eval."""
+    code = ("import sys, torch\nfrom model import build_mae\n"
+            "build_mae('demo', depth=1, decoder_depth=1)(torch.randn(1, 3, 32, 32))\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'noise', 'pipelines', 'configs', 'eval', "
+            "'tracking', 'train'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_decoder_places_tokens_like_the_public_unshuffle(demo):

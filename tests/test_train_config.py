@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from configs import Config, ConfigError, flatten, from_dict, load_config, to_dict, validate
+from pipelines import DataConfig, LoaderConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -107,3 +108,15 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     path.write_text("base: " + str(CONFIGS / "demo.yaml") + "\ntrain:\n  warmup: 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.warmup'"):
         load_config(path)
+
+
+def test_the_loader_runs_with_every_data_and_mask_setting(data_dir, tmp_path):
+    cfg = demo(data_dir, "data.loader=ffcv", f"data.ffcv_path={tmp_path}/x.beton", "data.workers=3",
+               "data.img_size=48", "mask.schedule=green@0,blue@2", "mask.ratio=0.6", "mask.bank=b.npz")
+    loader = LoaderConfig.from_sections(cfg.data, cfg.mask, patch_size=8, batch_size=4, rank=1, world_size=2)
+    assert (loader.loader, loader.data, loader.ffcv_path, loader.workers, loader.img_size) == (
+        "ffcv", data_dir, f"{tmp_path}/x.beton", 3, 48)
+    assert (loader.mask, loader.mask_ratio, loader.mask_bank) == ("green@0,blue@2", 0.6, "b.npz")
+    assert (loader.patch_size, loader.batch_size, loader.rank, loader.world_size) == (8, 4, 1, 2)
+    unmasked = LoaderConfig.from_sections(DataConfig(workers=None), train=False)
+    assert unmasked.mask is None and unmasked.workers == LoaderConfig().workers and not unmasked.train
