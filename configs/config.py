@@ -135,21 +135,24 @@ def _type_name(hint: Any) -> str:
     return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
 
 
+def _one_line(err: OmegaConfBaseException, where: str) -> str:
+    """An OmegaConf error as one line naming the config key (or the file / override it came from)."""
+    schema = err.object_type if dataclasses.is_dataclass(err.object_type) else None
+    if schema and isinstance(err, ConfigKeyError):
+        return _unknown(err.full_key, [f.name for f in dataclasses.fields(schema) if f.name != "name"])
+    if schema and isinstance(err, ValidationError) and err.full_key:
+        expected = _type_name(typing.get_type_hints(schema)[err.key])
+        return f"config key '{err.full_key}' must be {expected}, got {err.value!r}"
+    return f"{where}: {str(err).splitlines()[0]}"
+
+
 @contextmanager
 def _reported(where: str) -> Iterator[None]:
-    """OmegaConf's and YAML's errors as one-line ConfigErrors naming the key (or the file / override)."""
+    """OmegaConf's and YAML's errors as one-line ConfigErrors."""
     try:
         yield
-    except ConfigKeyError as err:
-        raise ConfigError(_unknown(err.full_key, [f.name for f in dataclasses.fields(err.object_type)
-                                                  if f.name != "name"])) from None
-    except ValidationError as err:
-        if err.full_key and dataclasses.is_dataclass(err.object_type):
-            expected = _type_name(typing.get_type_hints(err.object_type)[err.key])
-            raise ConfigError(f"config key '{err.full_key}' must be {expected}, got {err.value!r}") from None
-        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(_one_line(err, where)) from None
     except yaml.YAMLError as err:  # a syntax error, or a tag such as !!python/... (safe loading only)
         mark = getattr(err, "problem_mark", None)
         line = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
