@@ -119,7 +119,9 @@ class Config:
         return self.train.lr
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "name"]
+def _keys(schema: type) -> list[str]:
+    """The YAML keys of a section (or of the whole config: the sections; `name` is not a key)."""
+    return [f.name for f in dataclasses.fields(schema) if f.name != "name"]
 
 
 def _unknown(key: str, known: list[str]) -> str:
@@ -139,7 +141,7 @@ def _one_line(err: OmegaConfBaseException, where: str) -> str:
     """An OmegaConf error as one line naming the config key (or the file / override it came from)."""
     schema = err.object_type if dataclasses.is_dataclass(err.object_type) else None
     if schema and isinstance(err, ConfigKeyError):
-        return _unknown(err.full_key, [f.name for f in dataclasses.fields(schema) if f.name != "name"])
+        return _unknown(err.full_key, _keys(schema))
     if schema and isinstance(err, ValidationError) and err.full_key:
         expected = _type_name(typing.get_type_hints(schema)[err.key])
         return f"config key '{err.full_key}' must be {expected}, got {err.value!r}"
@@ -164,7 +166,7 @@ def _reported(where: str) -> Iterator[None]:
 def _merge(merged: DictConfig, values: DictConfig | dict, where: str) -> DictConfig:
     """`values` (a file's, an override's) merged onto `merged`, checked against the schema."""
     if "name" in values:  # the name comes from the config file's name
-        raise ConfigError(_unknown("name", SECTIONS))
+        raise ConfigError(_unknown("name", _keys(Config)))
     with _reported(where):
         return OmegaConf.merge(merged, values)
 
