@@ -25,13 +25,13 @@ masks: setup
 bench: bench-masks bench-loaders bench-train
 
 bench-masks: setup
-	$(PY) bench/masks.py --json $(RUNS)/bench/masks.json
+	$(PY) -m bench.masks --json $(RUNS)/bench/masks.json
 
 bench-loaders: setup
-	$(PY) bench/loaders.py --json $(RUNS)/bench/loaders.json
+	$(PY) -m bench.loaders --json $(RUNS)/bench/loaders.json
 
 bench-train: setup
-	$(PY) bench/train_step.py --json $(RUNS)/bench/train_step.json
+	$(PY) -m bench.train_step --json $(RUNS)/bench/train_step.json
 
 # On a GPU node, with whatever Python environment is active (no set-up, nothing fetched):
 #   make gpu-check ARGS="--write-docs --wheels /mnt/wheels"      (the CPU twin: ARGS=--smoke)
@@ -40,7 +40,7 @@ gpu-check:
 	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 reproduce: setup
-	$(PY) bench/reproduce.py --quick --json $(RUNS)/bench/reproduce-quick.json
+	$(PY) -m bench.reproduce --quick --json $(RUNS)/bench/reproduce-quick.json
 
 compare: setup
 	$(PY) -m eval.compare --experiment colormae-demo --out $(RUNS)/compare

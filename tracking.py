@@ -168,19 +168,24 @@ def environment() -> dict[str, Any]:
     loaders = {name: version for name, version in packages.items()
                if name.startswith(("nvidia-dali", "ffcv", "cupy"))}
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    driver = nvidia_smi("driver_version").get("driver_version") if gpus else None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "gpus": gpus,
-            "driver": _nvidia_driver() if gpus else None, "loader_libraries": loaders,
+            "driver": driver, "loader_libraries": loaders,
             "pip_freeze": sorted(f"{name}=={version}" for name, version in packages.items())}
 
 
-def _nvidia_driver() -> str | None:
+def nvidia_smi(*fields: str) -> dict[str, str]:
+    """The first GPU's `fields` (e.g. "name", "driver_version") as nvidia-smi reports them; empty when
+    there is no GPU, no nvidia-smi or no usable answer."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+        return {}
+    values = [value.strip() for value in out.stdout.partition("\n")[0].split(",")]
+    usable = out.returncode == 0 and len(values) == len(fields) and all(values)
+    return dict(zip(fields, values, strict=True)) if usable else {}
 
 
 def _is_rejected(err: Exception) -> bool:
@@ -271,19 +276,6 @@ class Tracker:
             except Exception as err:
                 self._fail(err)
         self._write({"op": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp})
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        """Set run tags."""
-        tags = {k: str(v) for k, v in tags.items()}
-        if self._online():
-            from mlflow.entities import RunTag
-
-            try:
-                self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-                return
-            except Exception as err:
-                self._fail(err)
-        self._write({"op": "tags", "tags": tags})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file; offline, a copy is kept in offline_dir for the sync."""
@@ -471,8 +463,6 @@ def sync(offline_dir: str | Path, uri: str | None = None) -> list[str]:
         elif op == "metrics":
             metrics = [Metric(k, v, rec["timestamp"], rec["step"]) for k, v in rec["metrics"].items()]
             client.log_batch(run_id, metrics=metrics)
-        elif op == "tags":
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
         elif op == "artifact":
             client.log_artifact(run_id, str(offline_dir / rec["path"]), rec.get("artifact_path"))
         elif op == "dataset":

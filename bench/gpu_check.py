@@ -12,27 +12,30 @@ recorded and the next one starts. A part whose package is missing is recorded as
 `skipped: missing <package>`. Parts:
 
 1. pytest-gpu: `pytest -m gpu`, every GPU twin (CuPy masks, DALI mixed, device transfer, bf16);
-2. masks: `bench/masks.py --device cuda`, the CuPy mask stage against torch argsort masking;
+2. masks: `bench.masks --device cuda`, the CuPy mask stage against torch argsort masking;
 3. corpus: the ImageNet-like JPEG corpus (`pipelines.prepare jpeg-corpus`), unless --data is given;
-4. loaders: `bench/loaders.py --device cuda` at S=224, batch 256: torch, DALI 'mixed', FFCV ToDevice
+4. loaders: `bench.loaders --device cuda` at S=224, batch 256: torch, DALI 'mixed', FFCV ToDevice
    and the plain torchvision ImageFolder peer, with and without masks, against GPU decode-only;
-5. train-step: `bench/train_step.py`, ViT-B/16 MAE, bf16, batch 256, eager and torch.compile, MFU,
+5. train-step: `bench.train_step`, ViT-B/16 MAE, bf16, batch 256, eager and torch.compile, MFU,
    peak memory, host syncs, the public-MAE-style peer step, the largest batch that fits;
 6. e2e-<loader>: `train.py` for 200 steps on the corpus with each loader: images/s and data wait;
-7. reproduce: `bench/reproduce.py` when the time left allows it (about 10 minutes; raise --total).
+7. reproduce: `bench.reproduce` when the time left allows it (about 10 minutes; raise --total).
 
 Writes runs/gpu-check/gpu-check.json (one row per measurement, each with the GPU, driver, CUDA and
 package versions), gpu-check.md (the summary, with the issue's targets) and logs/<part>.log.
 
---wheels DIR installs every wheel in DIR with `pip install --no-index --no-deps --target <tmp>` and
-puts <tmp> first on the parts' PYTHONPATH: copy DALI's wheel (nvidia-dali-cuda130, ~200 MB) and any
-dependency the image lacks into DIR. Nothing is installed into the environment itself.
+--wheels DIR installs every wheel in DIR with `pip install --no-index --no-deps --target <tmp>`, then
+runs the check again with <tmp> first on PYTHONPATH, so the plan (what is missing, which versions)
+and every part import from it: copy DALI's wheel (nvidia-dali-cuda130, ~200 MB) and any dependency
+the image lacks into DIR. Nothing is installed into the environment itself.
+
+Run it from the repository root (`-m` puts the root on the import path; no install is needed); each
+part runs there too, as `python -m bench.<name>` or `python train.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import math
 import os
@@ -51,16 +54,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.deps import missing, skip_reason, version
+from pipelines.prepare import FASHION_MNIST_DIR, PHOTO_SOURCES
+from tracking import nvidia_smi
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.deps import missing, skip_reason, version  # noqa: E402
-from pipelines.prepare import FASHION_MNIST_DIR, PHOTO_SOURCES  # noqa: E402
-
 TOTAL_S = 540  # the whole check, on one H100/H200
 SMOKE_SLACK = 2  # --smoke: budgets and total x2, for a busy CI machine (toy sizes; nothing is judged)
-REPRODUCE_S = 600  # bench/reproduce.py's GPU budget
+REPRODUCE_S = 600  # bench.reproduce's GPU budget
+WHEELS_ENV = "GPU_CHECK_WHEELS"  # set in the re-run that --wheels starts: the folder they went to
 E2E_STEPS = 200
 OPTIONAL = {"mlflow", "nvidia", "ffcv", "cupy"}  # top-level modules of the packages a GPU image may lack
 
@@ -102,6 +104,17 @@ class Part:
 
 # -- the environment ---------------------------------------------------------------------------
 
+def run_with_wheels(folder: Path, argv: list[str]) -> int:
+    """Install the wheels in `folder` into a temporary folder, then run the same check again with that
+    folder first on PYTHONPATH: the plan (what is missing, which versions) and every part import from
+    it. Returns the check's exit code; the folder is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-wheels-") as target:
+        install_wheels(folder, Path(target))
+        path = os.pathsep.join(filter(None, [target, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, WHEELS_ENV: target}
+        return subprocess.run([sys.executable, "-m", "bench.gpu_check", *argv], cwd=ROOT, env=env).returncode
+
+
 def install_wheels(folder: Path, target: Path) -> None:
     """pip-install every wheel in `folder` (no index, no dependencies) into `target`."""
     wheels = sorted(folder.glob("*.whl"))
@@ -116,15 +129,10 @@ def environment() -> dict:
     """GPU name, driver, CUDA and the versions of the packages the parts use."""
     import torch
 
-    gpu, driver = "none (CPU)", None
-    try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30, check=True)
-        gpu, driver = (item.strip() for item in query.stdout.splitlines()[0].split(","))
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    return {"gpu": gpu, "driver": driver, "cuda": torch.version.cuda, "python": platform.python_version(),
+    found = nvidia_smi("name", "driver_version")
+    gpu = found.get("name") or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)")
+    return {"gpu": gpu, "driver": found.get("driver_version"), "cuda": torch.version.cuda,
+            "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": version("torchvision"), "timm": version("timm"),
             "numpy": version("numpy"), "cupy": version("cupy"), "dali": version("nvidia.dali"),
             "ffcv": version("ffcv"), "mlflow": version("mlflow"), "cpus": os.cpu_count()}
@@ -190,14 +198,13 @@ def read_train_log(part: Part, out: Path) -> list[dict]:
 def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
     """Every part with its command and budget; skips that are known before running anything."""
     s, py = (SMOKE if args.smoke else GPU), sys.executable
-    bench = ROOT / "bench"
     tests = sorted((ROOT / "tests").glob("test_*.py"))
     gpu_tests = [str(path) for path in tests if "mark.gpu" in path.read_text()]  # less to collect
     parts = [
         Part("pytest-gpu", 60, [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                 "--continue-on-collection-errors", f"--junitxml={out / 'pytest-gpu.xml'}",
                                 *gpu_tests], read_pytest, skip=skip_reason("pytest")),
-        Part("masks", 40, [py, str(bench / "masks.py"), "--device", s.device, "--batches", s.mask_batches,
+        Part("masks", 40, [py, "-m", "bench.masks", "--device", s.device, "--batches", s.mask_batches,
                            "--json", str(out / "masks.json"), *(["--seconds", "0.05", "--repeats", "1"]
                                                                 if args.smoke else [])],
              read_json_rows, skip=skip_reason("cupy") if s.device == "cuda" else None),
@@ -210,13 +217,13 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
                           skip=f"skipped: missing one of {', '.join(absent)} (or pass --data DIR)"
                           if len(absent) == len(photos) else None))
     loaders = "torch,dali,imagefolder" if args.smoke else "torch,dali,ffcv,imagefolder"
-    parts.append(Part("loaders", 100, [py, str(bench / "loaders.py"), "--data", str(corpus), "--device",
+    parts.append(Part("loaders", 100, [py, "-m", "bench.loaders", "--data", str(corpus), "--device",
                                        s.device, "--loaders", loaders, "--img-size", str(s.img_size),
                                        "--batch-size", str(s.batch), "--rounds", "1" if args.smoke else "2",
                                        *(["--workers", "2"] if args.smoke else []),
                                        "--json", str(out / "loaders.json")],
                       read_json_rows, needs_corpus=True))
-    parts.append(Part("train-step", 150, [py, str(bench / "train_step.py"), "--models", s.model,
+    parts.append(Part("train-step", 150, [py, "-m", "bench.train_step", "--models", s.model,
                                           "--inputs", "synthetic", "--batch", str(s.batch), *s.train_args,
                                           "--json", str(out / "train-step.json")], read_json_rows))
     for loader in ("torch", "dali", "ffcv"):
@@ -226,15 +233,14 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
             reason = "skipped: --smoke (ffcv's numba compilation takes minutes on a small CPU)"
         parts.append(Part(f"e2e-{loader}", 60, e2e_command(loader, s, corpus, out), read_train_log,
                           skip=reason, needs_corpus=True))
-    script = bench / "reproduce.py"
-    reproduce_skip = ("skipped: bench/reproduce.py is absent" if not script.exists() else
-                      f"skipped: missing {FASHION_MNIST_DIR} (Debian dataset-fashion-mnist)"
+    reproduce_skip = (f"skipped: missing {FASHION_MNIST_DIR} (Debian dataset-fashion-mnist)"
                       if not FASHION_MNIST_DIR.is_dir() else None)
     tiny = ["--quick", "--masks", "random", "--seeds", "0", "--train-images", "64", "--test-images", "32",
             "--batch-size", "32", "--seg-train", "16", "--seg-test", "8", "--probe-epochs", "1"]
     parts.append(Part("reproduce", 120 if args.smoke else REPRODUCE_S,
-                      [py, str(script), "--device", s.device, *(tiny if args.smoke else ["--budget", "gpu"]),
-                       "--out", str(out / "reproduce.md"), "--json", str(out / "reproduce.json")],
+                      [py, "-m", "bench.reproduce", "--device", s.device,
+                       *(tiny if args.smoke else ["--budget", "gpu"]), "--out", str(out / "reproduce.md"),
+                       "--json", str(out / "reproduce.json")],
                       read_json_rows, skip=reproduce_skip))
     if args.smoke:
         for part in parts:
@@ -299,14 +305,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     shutil.rmtree(out / "e2e", ignore_errors=True)  # train.py would resume an earlier check's runs
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": path}  # PASSIVE: as train.py sets
-    if args.wheels:
-        target = Path(tempfile.mkdtemp(prefix="gpu-check-wheels-"))
-        atexit.register(shutil.rmtree, target, ignore_errors=True)
-        install_wheels(args.wheels, target)
-        sys.path.insert(0, str(target))
-        env["PYTHONPATH"] = os.pathsep.join([str(target), env["PYTHONPATH"]])
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # PASSIVE: as train.py sets
 
     import torch
 
@@ -441,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"x{SMOKE_SLACK} with --smoke)")
     parser.add_argument("--write-docs", action="store_true",
                         help="also write docs/gpu-results.md and docs/gpu-results.json")
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.wheels and WHEELS_ENV not in os.environ:
+        return run_with_wheels(args.wheels, sys.argv[1:] if argv is None else argv)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Loader throughput: images/s of each backend with and without the mask stage, against decode-only.
 
-    python bench/loaders.py [--data DIR] --json runs/bench-loaders.json
-    python bench/loaders.py --device cuda --batch-size 256 --json runs/bench-loaders-gpu.json
+    python -m bench.loaders [--data DIR] --json runs/bench-loaders.json
+    python -m bench.loaders --device cuda --batch-size 256 --json runs/bench-loaders-gpu.json
 
 Without --data the ImageNet-like JPEG corpus is built first (pipelines.prepare jpeg-corpus). Every
 backend runs the training transform at S=224 (batch 64 by default), all cores, on --device (on a GPU:
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +37,6 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.deps import skip_reason
 from pipelines import LOADERS, LoaderConfig, build_loader, scan
@@ -177,9 +174,8 @@ def decode_rates(files: list[str], workers: int, batch_size: int, gpu: bool) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="class folder (default: build the corpus)")
     parser.add_argument("--corpus", type=Path, default=Path("runs/jpeg-corpus"), help="where to build it")
     parser.add_argument("--n", type=int, default=2000, help="corpus size when building it")

@@ -1,6 +1,6 @@
 """Mask-stage throughput: colour-noise masks vs public MAE's random masking, in one run.
 
-    .venv/bin/python bench/masks.py --json runs/bench/masks.json [--device cuda:0] [--batches 256,4096]
+    .venv/bin/python -m bench.masks --json runs/bench/masks.json [--device cuda:0] [--batches 256,4096]
 
 ``random_torch`` draws masks as public MAE does (torch.rand, argsort, the restore indices and
 the binary mask, on the same device). Every figure is the best of ``--repeats`` interleaved
@@ -11,19 +11,14 @@ timings after a warm-up, because the machine may be shared. Targets: every colou
 import argparse
 import itertools
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from noise import COLOURS, MaskGenerator, bank_params, get_xp  # noqa: E402
-from noise.bank import generate_bank  # noqa: E402
+from noise import COLOURS, MaskGenerator, bank_params, get_xp
+from noise.bank import generate_bank
 
 BATCHES = (256, 4096)
 GRID = 14
@@ -81,7 +76,7 @@ def bank_seconds() -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.masks", description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; the best counts")

@@ -1,8 +1,8 @@
 """Small-scale reproduction of ColorMAE's comparison: Fashion-MNIST pretraining per mask type + probes.
 
-    .venv/bin/python bench/reproduce.py --quick --json runs/reproduce-quick.json        # CPU wiring check
-    .venv/bin/python bench/reproduce.py --budget gpu --json runs/reproduce-gpu.json     # 5 masks x 3 seeds
-    .venv/bin/python bench/reproduce.py --budget full --json runs/reproduce.json        # one GPU, longer
+    .venv/bin/python -m bench.reproduce --quick --json runs/reproduce-quick.json        # CPU wiring check
+    .venv/bin/python -m bench.reproduce --budget gpu --json runs/reproduce-gpu.json     # 5 masks x 3 seeds
+    .venv/bin/python -m bench.reproduce --budget full --json runs/reproduce.json        # one GPU, longer
 
 For every mask type (random, red, blue, green, purple) and seed, the same MAE (`--preset`, default
 "demo": width 192, depth 6, 32 px, patch 4) is pretrained with the same budget, then probed frozen:
@@ -14,10 +14,10 @@ Each seed is a controlled experiment: every mask type starts from the same initi
 the same images in the same order with the same augmentation; only the mask differs. So the
 report tests mask differences per seed (paired t-test, `eval.compare`). The whole dataset lives on
 the compute device; each batch is augmented there (RandomResizedCrop 0.2-1 + horizontal flip as one
-grid_sample) and masked by `noise.MaskGenerator` (CuPy on GPU). Optimiser and schedule are
-train.py's (`build_optimizer`). Before the first run, a few timed steps give the time estimate.
-Writes docs/results.md (table, command, hardware), its per-seed charts beside it (results-charts/)
-and, with --json, the per-run figures.
+grid_sample) and masked by `noise.MaskGenerator` (CuPy on GPU). Optimiser, schedule and autocast
+precision are train.py's (`build_optimizer`, `autocast_dtype`). Before the first run, a few timed
+steps give the time estimate. Writes docs/results.md (table, command, hardware), its per-seed charts
+beside it (results-charts/) and, with --json, the per-run figures.
 """
 
 import argparse
@@ -34,19 +34,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from configs.config import TrainConfig
+from configs.fingerprint import digest_of
+from eval import compare, knn, linear_probe, seg_data, segmentation
+from eval.features import extract_tokens
+from model import build_mae
+from noise import MaskGenerator, mask_to_torch
+from train import autocast_dtype, build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-
-from configs.config import TrainConfig  # noqa: E402
-from configs.fingerprint import digest_of  # noqa: E402
-from eval import compare, knn, linear_probe, seg_data, segmentation  # noqa: E402
-from eval.features import extract_tokens  # noqa: E402
-from model import build_mae  # noqa: E402
-from noise import MaskGenerator, mask_to_torch  # noqa: E402
-from train import build_optimizer  # noqa: E402
 
 MASKS = ("random", "red", "blue", "green", "purple")
 BUDGET_FLAGS = ("train_images", "test_images", "epochs", "batch_size", "seg_train", "seg_test",
@@ -65,8 +63,8 @@ WARMUP_SHARE = 0.1  # of all optimiser steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=tuple(BUDGETS), default=None,
                         help="quick: CPU wiring check (< 15 min); gpu: 5 masks x 3 seeds in <= 8 min on one "
                              "H100-class GPU; full: longer (default: full)")
@@ -184,7 +182,8 @@ def pretrain(mask: str, seed: int, data: dict, args, max_steps: int | None = Non
     optimizer, scheduler = build_optimizer(
         mae, TrainConfig(base_lr=args.base_lr), args.base_lr * args.batch_size / 256,
         warmup_steps=max(1, int(WARMUP_SHARE * total)), total_steps=total, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = autocast_dtype("auto", device)  # bf16 on a GPU, fp32 on the CPU
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synchronize()
     start, losses = time.perf_counter(), []
@@ -288,11 +287,11 @@ def write_report(runs: list[dict], baseline: dict, untrained: dict, args, path: 
     table = compare.markdown_table(compare.summarise(samples, [*METRICS, "pretrain_seconds"]))  # in run order
     verdicts = compare.noise_verdicts(samples, list(METRICS), baseline="random")
     fingerprints = sorted({r["fingerprint"] for r in runs})
-    command = " ".join([".venv/bin/python", "bench/reproduce.py", *args.argv])
+    command = " ".join([".venv/bin/python", "-m", "bench.reproduce", *args.argv])
     budget = ", ".join(f"{name}={getattr(args, name)}" for name in BUDGET_FLAGS)
     path.write_text(f"""# Results: mask colours on Fashion-MNIST (small-scale reproduction)
 
-Written by `bench/reproduce.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).
+Written by `python -m bench.reproduce` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).
 
 - Command: `{command}`
 - Hardware: {hardware(args.device)}

@@ -1,8 +1,8 @@
 """MAE train-step throughput, MFU and peak memory: synthetic batches and the real torch loader.
 
-    python bench/train_step.py --json runs/bench-train-step.json
-    python bench/train_step.py --models vit_small --batch 64 --inputs loader --data runs/jpeg-corpus
-    python bench/train_step.py --models vit_base --inputs synthetic --compile --largest --json x.json  # GPU
+    python -m bench.train_step --json runs/bench-train-step.json
+    python -m bench.train_step --models vit_small --batch 64 --inputs loader --data runs/jpeg-corpus
+    python -m bench.train_step --models vit_base --inputs synthetic --compile --largest --json x.json  # GPU
 
 Each row times full steps (forward, backward, AdamW, one host read of the loss) after warm-up:
 images/s, achieved TFLOP/s and MFU from a stated FLOP count (`train_flops_per_image`; MFU needs the
@@ -38,11 +38,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from model import MaskedAutoencoderViT, build_mae
+from noise import MaskGenerator, mask_to_torch
 
-from model import MaskedAutoencoderViT, build_mae  # noqa: E402
-from noise import MaskGenerator, mask_to_torch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = ("demo", "vit_tiny", "vit_small", "vit_base")
 CPU_BATCH = {"demo": 128, "vit_tiny": 32, "vit_small": 64, "vit_base": 8}
@@ -274,7 +273,8 @@ def corpus_root(data: Path | None, n: int) -> Path:
 
 def parse_args() -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here (rewritten after every row)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
     p.add_argument("--inputs", default="synthetic,loader", help="comma list: synthetic, loader")

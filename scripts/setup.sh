@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: system packages (when root), then the pinned .venv.
-# Re-running costs seconds once the stamp matches the requirement files.
+# Re-running costs seconds once the stamp matches the requirement files and pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +12,7 @@ command -v dockerd >/dev/null || APT_PACKAGES+=(docker.io)
 APT_PACKAGES+=(docker-compose debootstrap)
 VENV=.venv
 STAMP="$VENV/.setup-stamp"
-WANT="$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
@@ -43,5 +43,7 @@ pip_install --upgrade pip
 # ffcv's build needs numpy, Cython and pkgconfig present; build it without isolation.
 pip_install numpy==2.4.6 cython pkgconfig setuptools wheel
 pip_install --no-build-isolation -r requirements-dev.txt
+# The project itself, editable: its packages and modules import from anywhere, no sys.path edits.
+pip_install --no-deps --no-build-isolation -e .
 echo "$WANT" > "$STAMP"
 echo "setup: .venv ready"

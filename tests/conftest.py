@@ -1,16 +1,14 @@
-"""Shared pytest set-up: the repo root on sys.path and the GPU skip rule."""
+"""Shared pytest set-up: the GPU skip rule, temporary data caches and small fixtures.
 
-import sys
+The project is installed in editable mode (scripts/setup.sh), so its packages import from anywhere.
+"""
+
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _cuda_available() -> bool:

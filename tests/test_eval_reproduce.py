@@ -1,16 +1,13 @@
 """bench/reproduce.py: the on-device augmentation (run here on the CPU) and a tiny end-to-end budget."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import reproduce
-
+from bench import reproduce
 from eval import seg_data
 from model import build_mae
 
@@ -103,7 +100,7 @@ def test_tiny_budget_writes_report_and_json(tmp_path):
     assert "| random |" in report and "| green |" in report and "raw pixels" in report
     assert "| untrained encoder, seed 0 (baseline) |" in report
     assert 0 < result["untrained_encoder"]["knn"] <= 1
-    assert "bench/reproduce.py --quick" in report and "Hardware: CPU" in report
+    assert "-m bench.reproduce --quick" in report and "Hardware: CPU" in report
     assert result["raw_pixels"]["knn"] > 0.3  # Fashion-MNIST pixels alone are far above chance
     assert len({run["fingerprint"] for run in runs}) == 1
     assert f"Fingerprint {runs[0]['fingerprint']}" in report and "![knn](results-charts/knn.png)" in report

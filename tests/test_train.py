@@ -327,7 +327,6 @@ def test_torchrun_two_processes_end_with_identical_weights(images, tmp_path):
     script = tmp_path / "rank_weights.py"
     script.write_text(
         "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import train\n"
         "model = train.main(sys.argv[1:])\n"
         f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt')\n"
