@@ -225,8 +225,9 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flatten(cfg: Config) -> dict[str, Any]:
-    """Dotted keys to plain values, e.g. {"train.epochs": 800, ...} (for MLflow params)."""
+def flatten(cfg: Config | dict) -> dict[str, Any]:
+    """Dotted keys to plain values, e.g. {"train.epochs": 800, ...} (for MLflow params); also of a
+    config as a nested dict (`to_dict`'s form, as checkpoints store it)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -236,7 +237,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
             else:
                 flat[f"{prefix}{key}"] = value
 
-    walk(to_dict(cfg), "")
+    walk(cfg if isinstance(cfg, dict) else to_dict(cfg), "")
     return flat
 
 

@@ -1,4 +1,5 @@
-"""What every evaluation command shares: checkpoint loading and checks, and its MLflow run.
+"""What every evaluation command shares: its start (arguments, device, checkpoint), the probe heads'
+training loop, and its MLflow run.
 
 An evaluation run records what it evaluated, so that `eval.compare` pools only like with like: its
 pretraining run (tag `pretrain_run_id`, and `mlflow.parentRunId`, which nests it under that run in
@@ -19,9 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import cli
+from configs import flatten
+from configs.fingerprint import digest_of
+from model import load_mae
+from model.checkpoint import read_pretrained
+from pipelines import scan
+from tracking import Tracker, resolve_uri
 
-SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")
 EVALUATION_TAG = "colormae.evaluation"  # hash of probe, parameters, checkpoint epoch and data digests
 SUMMARY_TAG = "colormae.evaluation_summary"  # the same in words, for eval.compare's report
 
@@ -43,8 +48,6 @@ class EvalData:
 def folder_data(root: str | Path, split: str) -> EvalData:
     """A class folder's record; the digest hashes each usable image's relative path, label and byte size
     (reading every byte of an ImageNet-sized folder would cost minutes)."""
-    from pipelines import scan
-
     manifest = scan(root)
     lines = (f"{os.path.relpath(file, manifest.root)}\t{label}\t{os.path.getsize(file)}"
              for file, label in zip(manifest.files, manifest.labels, strict=True))
@@ -99,26 +102,12 @@ def fit_head(
     return head.eval()
 
 
-def make_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
-    """The parser of `python -m <module>` with the flags every evaluation shares (see add_checkpoint_args)."""
-    parser = cli.make_parser(f"python -m {module}", doc)
-    add_checkpoint_args(parser)
-    return parser
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """The evaluations' shared flags: checkpoint, --mlflow-uri, --experiment, --device, --seed, ..."""
-    from model.mae import PRESETS
-
-    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (.pth) (required)")
-    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
-                        help="preset the checkpoint must match; checked, not rebuilt (default: no check)")
-    cli.add_common_args(parser, uri_default="the pretraining run's store, from the checkpoint config",
-                        experiment_default="the pretraining run's, from the checkpoint config")
-    parser.add_argument("--pretrain-run-id", default=None,
-                        help="MLflow run id of the pretraining run (default: the checkpoint's)")
-    parser.add_argument("--offline-dir", default=None,
-                        help="where metrics go while the server is down (default: runs/mlflow-offline)")
+def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """An evaluation's start: its arguments (with `--device auto` resolved) and the checkpoint they name,
+    checked against `--model` when given."""
+    args = parser.parse_args(argv)
+    args.device = resolve_device(args.device)
+    return args, load_checkpoint(args.checkpoint, expect_model=args.model)
 
 
 def resolve_device(name: str) -> str:
@@ -128,39 +117,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_model_size(model_args: dict, preset: str) -> None:
-    """Raise a ValueError when the checkpoint's architecture is not the named preset's."""
-    from model.mae import DEFAULTS, PRESETS
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
-    expected = {**DEFAULTS, **PRESETS[preset]}
-    have = {**DEFAULTS, **PRESETS.get(model_args.get("preset", ""), {}), **model_args}
-    differing = {key: (have[key], expected[key]) for key in SIZE_KEYS if have[key] != expected[key]}
-    if differing:
-        found = ", ".join(f"{key}={have}" for key, (have, _) in differing.items())
-        wanted = ", ".join(f"{key}={want}" for key, (_, want) in differing.items())
-        raise ValueError(f"checkpoint is another model size ({found}) than --model {preset} ({wanted})")
-
-
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
-    """Load a train.py checkpoint (weights only) and, if `expect_model` is given, check its size."""
-    from model import CheckpointError, read_checkpoint
-
-    path = Path(path)
-    checkpoint = read_checkpoint(path)  # a missing or unreadable file: a CheckpointError naming it
-    if "model_args" not in checkpoint:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
-    checkpoint["path"] = str(path)
-    if expect_model is not None:
-        check_model_size(checkpoint["model_args"], expect_model)
+    """A train.py checkpoint (weights only; `model.checkpoint.read_pretrained`) that records its path;
+    with `expect_model`, its size is checked against that preset."""
+    checkpoint = read_pretrained(path, expect_preset=expect_model)
+    checkpoint["path"] = str(Path(path))
     return checkpoint
 
 
 def build_model(checkpoint: dict, device: str | torch.device) -> nn.Module:
     """The checkpoint's MAE, frozen, in eval mode on `device`."""
-    from model import load_mae
-
     mae = load_mae(checkpoint).to(device).eval()
     mae.requires_grad_(False)
     return mae
@@ -168,15 +134,7 @@ def build_model(checkpoint: dict, device: str | torch.device) -> nn.Module:
 
 def training_config(checkpoint: dict) -> dict:
     """The pretraining config stored in the checkpoint, flattened to dotted keys ("mask.schedule")."""
-
-    def flatten(value, prefix=""):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                yield from flatten(item, f"{prefix}{key}.")
-        else:
-            yield prefix[:-1], value
-
-    return dict(flatten(checkpoint.get("config") or {}))
+    return flatten(checkpoint.get("config") or {})
 
 
 def pretrain_run_id(checkpoint: dict, override: str | None = None) -> str:
@@ -198,10 +156,7 @@ def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str, *,
     `params` are the probe's parameters, `data` the splits it reads. Closed FINISHED on success and
     FAILED when the evaluation raises.
     """
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    from configs.fingerprint import digest_of
-    from tracking import Tracker, resolve_uri
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # mlflow: optional, as in tracking.py
 
     run_id = pretrain_run_id(checkpoint, args.pretrain_run_id)
     config = training_config(checkpoint)

@@ -18,11 +18,15 @@ one chart per comparison and metric (every seed a point, mean ± std beside them
 
 from __future__ import annotations
 
-import argparse
 import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from eval import parsers
+
+if __name__ == "__main__":  # --help and usage errors answer here, before pandas and torch load (seconds)
+    parsers.answer_early(parsers.compare(__doc__))
 
 import matplotlib
 import pandas as pd
@@ -32,7 +36,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from configs.fingerprint import DATA_SIGNATURE, STEPS_PER_EPOCH, is_fingerprinted
+from errors import run_cli
 from eval.common import EVALUATION_TAG, SUMMARY_TAG
+from tracking import Tracker, resolve_uri
 
 ALPHA = 0.05
 NO_SPREAD = 1e-12  # a standard deviation below this is none (float noise of equal values)
@@ -359,18 +365,7 @@ def write_report(comparisons: list[Comparison], notes: list[str], out: Path, bas
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Command line: read an experiment, write and log the comparison (bad input: a ValueError)."""
-    from tracking import Tracker, resolve_uri
-
-    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True, help="MLflow experiment to compare (required)")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
-    parser.add_argument("--out", default="runs/compare", help="report folder (default: %(default)s)")
-    parser.add_argument("--metrics", nargs="*", default=None,
-                        help="default: every metric of the evaluation runs")
-    parser.add_argument("--baseline", default="random", help="group the others are tested against")
-    args = parser.parse_args(argv)
+    args = parsers.compare(__doc__).parse_args(argv)
 
     uri = resolve_uri(args.mlflow_uri, "runs")
     comparisons, notes = find_comparisons(fetch_runs(args.experiment, uri))
@@ -391,6 +386,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-
     run_cli(main)  # an expected failure is one line; --debug shows the traceback

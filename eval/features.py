@@ -14,7 +14,9 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-POOLS = ("cls", "avg")
+from eval import common
+from eval.parsers import POOLS
+from pipelines import DataConfig, LoaderConfig, build_loader
 
 
 class ClassFolder(ImageFolder):
@@ -75,30 +77,8 @@ def extract_tokens(mae: nn.Module, images: torch.Tensor, batch_size: int, device
     return loader_features(mae, tensor_batches(images, batch_size=batch_size), device, pool)[0]
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for a class-folder dataset with train/ and val/ splits (as `pipelines.prepare` writes)."""
-    import cli
-
-    parser.add_argument("--data", required=True,
-                        help="root with train/<class>/ and val/<class>/ folders (required)")
-    parser.add_argument("--loader", choices=cli.LOADERS, default="torch",
-                        help="pipelines loader backend (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="images per feature batch (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="loader worker processes (default: %(default)s)")
-
-
-def add_pool_arg(parser: argparse.ArgumentParser) -> None:
-    """--pool: which token summarises an image."""
-    parser.add_argument("--pool", choices=POOLS, default="cls",
-                        help="cls token or mean patch token (default: %(default)s)")
-
-
-def split_data(root: str | Path) -> list:
+def split_data(root: str | Path) -> list[common.EvalData]:
     """`common.EvalData` records of the train/ and val/ class folders under `root`."""
-    from eval import common
-
     return [common.folder_data(check_split(root, split), split) for split in ("train", "val")]
 
 
@@ -112,9 +92,6 @@ def check_split(root: str | Path, split: str) -> Path:
 
 def checkpoint_features(checkpoint: dict, args: argparse.Namespace, pool: str):
     """((train features, labels), (val features, labels)) of the checkpoint's encoder on `args.data`."""
-    from eval import common
-    from pipelines import DataConfig, LoaderConfig, build_loader
-
     mae = common.build_model(checkpoint, args.device)
     img_size, patch_size = checkpoint["model_args"]["img_size"], checkpoint["model_args"]["patch_size"]
     splits = []

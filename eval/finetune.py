@@ -13,6 +13,11 @@ import argparse
 import contextlib
 from pathlib import Path
 
+from eval import parsers
+
+if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
+    parsers.answer_early(parsers.finetune(__doc__))
+
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -21,7 +26,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from eval.features import ClassFolder
+from errors import run_cli
+from eval import common
+from eval.features import ClassFolder, split_data
+from model import load_encoder
 
 
 def image_folders(root: str | Path, img_size: int, auto_augment: str | None, reprob: float):
@@ -102,40 +110,13 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m eval.finetune`."""
-    from eval import common
-
-    parser = common.make_parser("eval.finetune", __doc__)
-    for flag, kind, default, text in (
-        ("--epochs", int, 10, "fine-tuning epochs"), ("--warmup-epochs", int, 1, "linear warm-up epochs"),
-        ("--batch-size", int, 128, "images per step"), ("--workers", int, 2, "loader worker processes"),
-        ("--lr", float, 1e-3, "AdamW peak lr"), ("--weight-decay", float, 0.05, "AdamW weight decay"),
-        ("--layer-decay", float, 0.65, "layer-wise lr decay"), ("--drop-path", float, 0.1, "drop-path rate"),
-        ("--smoothing", float, 0.1, "label smoothing"),
-        ("--mixup", float, 0.0, "mixup alpha (MAE: 0.8); 0 = off"),
-        ("--cutmix", float, 0.0, "cutmix alpha (MAE: 1.0); 0 = off"),
-        ("--reprob", float, 0.0, "random erasing probability (MAE: 0.25)"),
-    ):
-        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
-    parser.add_argument("--data", required=True,
-                        help="root with train/<class>/ and val/<class>/ folders (required)")
-    parser.add_argument("--global-pool", choices=("avg", "token"), default="avg",
-                        help="classifier input (default: %(default)s)")
-    parser.add_argument("--aa", default=None,
-                        help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
-    return parser
+    return parsers.finetune(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: fine-tune a checkpoint's encoder on a class-folder dataset, logged to MLflow."""
-    from eval import common, features
-    from model import load_encoder
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.device = common.resolve_device(args.device)
-
+    args, checkpoint = common.start(build_parser(), argv)
     torch.manual_seed(args.seed)
-    checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
     img_size = checkpoint["model_args"]["img_size"]
     train_set, val_set = image_folders(args.data, img_size, args.aa, args.reprob)
     model = load_encoder(checkpoint, num_classes=len(train_set.classes), drop_path_rate=args.drop_path,
@@ -149,13 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs", "lr", "weight_decay", "layer_decay", "drop_path", "global_pool", "smoothing", "mixup",
         "cutmix", "aa", "reprob", "batch_size")}
     with common.open_tracker(args, checkpoint, "finetune", params=params,
-                             data=features.split_data(args.data)) as tracker:
+                             data=split_data(args.data)) as tracker:
         accuracy = finetune(model, train_loader, val_loader, args, len(train_set.classes), tracker)
     print(f"fine-tune top-1: {accuracy:.4f}")
     return {"finetune_top1": accuracy}
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-
     run_cli(main)  # an expected failure is one line; --debug shows the traceback

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import argparse
 
+from eval import parsers
+
+if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
+    parsers.answer_early(parsers.knn(__doc__))
+
 import torch
 import torch.nn.functional as F
+
+from errors import run_cli
+from eval import common, features
 
 
 @torch.no_grad()
@@ -62,26 +70,12 @@ def knn_accuracy(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m eval.knn`."""
-    from eval import common, features
-
-    parser = common.make_parser("eval.knn", __doc__)
-    features.add_data_args(parser)
-    parser.add_argument("--k", type=int, default=20, help="neighbours that vote (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.07,
-                        help="vote weight exp(similarity / T) (default: %(default)s)")
-    features.add_pool_arg(parser)
-    return parser
+    return parsers.knn(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: features of a checkpoint's encoder -> k-NN top-1, logged to MLflow."""
-    from eval import common, features
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.device = common.resolve_device(args.device)
-
-    checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
+    args, checkpoint = common.start(build_parser(), argv)
     params = {"k": args.k, "temperature": args.temperature, "pool": args.pool, "loader": args.loader}
     with common.open_tracker(args, checkpoint, "knn", params=params, data=features.split_data(args.data)) \
             as tracker:
@@ -94,6 +88,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-
     run_cli(main)  # an expected failure is one line; --debug shows the traceback

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import argparse
 
+from eval import parsers
+
+if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
+    parsers.answer_early(parsers.linear_probe(__doc__))
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.common import fit_head
+from errors import run_cli
+from eval import common
+from eval.features import checkpoint_features, split_data
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -39,7 +46,7 @@ def train_linear_probe(
     """Fit `linear_head` on (N, D) features with AdamW + cosine decay; returns the head in eval mode."""
     torch.manual_seed(seed)
     head = linear_head(features.shape[1], num_classes).to(features.device)
-    return fit_head(head, features, labels, lambda h, x, y: F.cross_entropy(h(x.float()), y),
+    return common.fit_head(head, features, labels, lambda h, x, y: F.cross_entropy(h(x.float()), y),
                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, seed=seed)
 
 
@@ -65,32 +72,17 @@ def linear_probe_accuracy(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m eval.linear_probe`."""
-    from eval import common, features
-
-    parser = common.make_parser("eval.linear_probe", __doc__)
-    features.add_data_args(parser)
-    features.add_pool_arg(parser)
-    parser.add_argument("--epochs", type=int, default=30, help="probe training epochs (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="probe AdamW peak lr (default: %(default)s)")
-    parser.add_argument("--probe-batch-size", type=int, default=256,
-                        help="probe training batch (default: %(default)s)")
-    return parser
+    return parsers.linear_probe(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: cached features of a checkpoint's encoder -> linear probe top-1, logged to MLflow."""
-    from eval import common, features
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.device = common.resolve_device(args.device)
-
-    checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
+    args, checkpoint = common.start(build_parser(), argv)
     params = {"pool": args.pool, "probe_epochs": args.epochs, "probe_lr": args.lr, "probe_optimizer": "adamw",
               "probe_batch_size": args.probe_batch_size, "loader": args.loader}
-    with common.open_tracker(args, checkpoint, "linear", params=params, data=features.split_data(args.data)) \
+    with common.open_tracker(args, checkpoint, "linear", params=params, data=split_data(args.data)) \
             as tracker:
-        train, test = features.checkpoint_features(checkpoint, args, pool=args.pool)
+        train, test = checkpoint_features(checkpoint, args, pool=args.pool)
         accuracy = linear_probe_accuracy(
             *train, *test, epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr, seed=args.seed
         )
@@ -101,6 +93,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-
     run_cli(main)  # an expected failure is one line; --debug shows the traceback

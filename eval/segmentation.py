@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import argparse
 
+from eval import parsers
+
+if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
+    parsers.answer_early(parsers.segmentation(__doc__))
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.common import fit_head
+from errors import run_cli
+from eval import common, seg_data
+from eval.features import extract_tokens
 
 IGNORE_INDEX = 255
 
@@ -97,7 +104,7 @@ def train_seg_head(
     def loss_fn(h: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(h(x, y.shape[-2:]), y, ignore_index=IGNORE_INDEX)
 
-    return fit_head(head, feature_maps, labels, loss_fn,
+    return common.fit_head(head, feature_maps, labels, loss_fn,
                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=1e-4, seed=seed)
 
 
@@ -129,26 +136,12 @@ def probe_scores(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m eval.segmentation`."""
-    from eval import common, seg_data
-
-    parser = common.make_parser("eval.segmentation", __doc__)
-    seg_data.add_dataset_args(parser)
-    parser.add_argument("--epochs", type=int, default=20, help="head training epochs (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="head AdamW peak lr (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per feature / training batch (default: %(default)s)")
-    return parser
+    return parsers.segmentation(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: segmentation probe of a checkpoint's encoder, logged to MLflow."""
-    from eval import common, features, seg_data
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.device = common.resolve_device(args.device)
-
-    checkpoint = common.load_checkpoint(args.checkpoint, expect_model=args.model)
+    args, checkpoint = common.start(build_parser(), argv)
     mae = common.build_model(checkpoint, args.device)
     train_set, test_set = seg_data.load_splits(args, checkpoint["model_args"]["img_size"])
     params = {"seg_dataset": args.dataset, "seg_head": "linear", "seg_epochs": args.epochs, "seg_lr": args.lr}
@@ -156,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = [common.tensor_data(args.dataset, source, split, part.images, part.labels)
             for split, part in (("train", train_set), ("test", test_set))]
     with common.open_tracker(args, checkpoint, "segmentation", params=params, data=data) as tracker:
-        train_maps = patch_grid(features.extract_tokens(mae, train_set.images, args.batch_size, args.device))
-        test_maps = patch_grid(features.extract_tokens(mae, test_set.images, args.batch_size, args.device))
+        train_maps = patch_grid(extract_tokens(mae, train_set.images, args.batch_size, args.device))
+        test_maps = patch_grid(extract_tokens(mae, test_set.images, args.batch_size, args.device))
         scores = probe_scores(
             train_maps, train_set.labels, test_maps, test_set.labels, len(train_set.class_names),
             epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -171,6 +164,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from errors import run_cli
-
     run_cli(main)  # an expected failure is one line; --debug shows the traceback

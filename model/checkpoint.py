@@ -22,10 +22,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from errors import RunFailure, UserError
-from model.mae import DEFAULTS, PRESETS, MaskedAutoencoderViT, build_mae
+from model.mae import MaskedAutoencoderViT, build_mae
+from model.presets import DEFAULTS, PRESETS
 
 log = logging.getLogger(__name__)
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")  # what makes two encoders the same size
 TIMM_HEAD_KEYS = ("head.", "attn_pool.")  # freshly initialised by timm, never in an MAE checkpoint
 
 
@@ -56,6 +58,34 @@ def read_checkpoint(path: str | Path) -> dict:
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"checkpoint {path} has no 'model' entry; found {found}")
     return ckpt
+
+
+def read_pretrained(path: str | Path, expect_preset: str | None = None) -> dict:
+    """A train.py checkpoint to evaluate or export: `read_checkpoint` plus its `model_args`.
+
+    expect_preset: when given, the checkpoint's encoder must be that preset's size (checked, not
+    rebuilt; a ValueError names the sizes that differ).
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path)  # a missing or unreadable file: a CheckpointError naming it
+    if "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
+    if expect_preset is not None:
+        check_preset_size(checkpoint["model_args"], expect_preset)
+    return checkpoint
+
+
+def check_preset_size(model_args: dict, preset: str) -> None:
+    """Raise a ValueError when the checkpoint's architecture is not the named preset's size."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; allowed: {', '.join(sorted(PRESETS))}")
+    expected = {**DEFAULTS, **PRESETS[preset]}
+    have = {**DEFAULTS, **PRESETS.get(model_args.get("preset", ""), {}), **model_args}
+    differing = {key: (have[key], expected[key]) for key in SIZE_KEYS if have[key] != expected[key]}
+    if differing:
+        found = ", ".join(f"{key}={have}" for key, (have, _) in differing.items())
+        wanted = ", ".join(f"{key}={want}" for key, (_, want) in differing.items())
+        raise ValueError(f"checkpoint is another model size ({found}) than --model {preset} ({wanted})")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -9,6 +9,9 @@ The folder holds `model.safetensors` (timm VisionTransformer parameter names) an
     card = json.load(open("exported/demo/model-card.json"))
     vit = timm.create_model(card["timm_model"], pretrained=False, **card["timm_kwargs"])
     vit.load_state_dict(safetensors.torch.load_file("exported/demo/model.safetensors"), strict=True)
+
+torch, safetensors and mlflow load inside the functions that use them: `--help` answers at once,
+and model.checkpoint (which reads exported folders back) can import this module.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from model.presets import DEFAULTS, PRESETS
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model-card.json"
@@ -30,8 +35,6 @@ TIMM_MODELS = {"demo": "vit_tiny_patch16_224", "vit_tiny": "vit_tiny_patch16_224
 def model_card(model_args: dict[str, Any], *, config: dict | None, epoch: int, step: int,
                final_loss: float | None, run_id: str | None, fingerprint: str | None) -> dict[str, Any]:
     """What the weights are: architecture (MAE and timm), recipe, training progress and provenance."""
-    from model.mae import DEFAULTS, PRESETS
-
     preset = model_args.get("preset", "vit_base")
     arch = {**DEFAULTS, **PRESETS.get(preset, {}), **model_args}
     config = config or {}
@@ -75,14 +78,9 @@ def read_encoder(folder: str | Path) -> tuple[dict, dict[str, Any]]:
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, final_loss: float | None = None,
                       fingerprint: str | None = None) -> Path:
     """A train.py checkpoint -> exported folder."""
-    import torch
+    from model.checkpoint import read_pretrained
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
+    ckpt = read_pretrained(path)
     card = model_card(ckpt["model_args"], config=ckpt.get("config"), epoch=ckpt.get("epoch", 0),
                       step=ckpt.get("step", 0), final_loss=final_loss, run_id=ckpt.get("mlflow_run_id"),
                       fingerprint=fingerprint)

@@ -57,7 +57,7 @@ def bank_params(
 
 
 def generate_bank(params: dict) -> np.ndarray:
-    """Generate the textures described by ``bank_params(...)`` (no caching)."""
+    """Generate the textures described by ``bank_params(...)`` (no caching; a progress bar on a terminal)."""
     shape = (params["count"], params["size"], params["size"])
     return colour_noise(
         params["colour"],
@@ -66,6 +66,7 @@ def generate_bank(params: dict) -> np.ndarray:
         iterations=params["iterations"],
         sigma=params["sigma"],
         sigmas=tuple(params["sigmas"]),
+        progress=f"{params['colour']} bank ({shape[0]} x {shape[1]} x {shape[2]})",
     )
 
 

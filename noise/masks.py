@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noise.bank import bank_params, load_pattern_file, pattern_bank
+from noise.bank import load_pattern_file, pattern_bank
 from noise.config import check_ratio
 from noise.textures import COLOURS, check_colour, get_xp, rank_normalise
 
@@ -46,10 +46,10 @@ def colour_at(schedule: list[tuple[int, str]], epoch: int) -> str:
 class MaskGenerator:
     """Draws masks (B, grid*grid), True = masked, with exactly K = int(grid*grid*(1-ratio)) visible.
 
-    Each sample draws its own texture, crop offset, horizontal and vertical flips and, with
-    ``rotate``, a transpose (so all 8 square symmetries); the K highest values of the crop stay
-    visible. Crops of the generated, seamless banks wrap around the texture borders; crops of the
-    authors' files (``bank_path``) stay inside them. ``"random"`` is uniform random masking.
+    Each sample draws its own texture, crop offset and horizontal and vertical flips; the K highest
+    values of the crop stay visible. Crops of the generated, seamless banks wrap around the texture
+    borders; crops of the authors' files (``bank_path``) stay inside them. ``"random"`` is uniform
+    random masking.
 
     The masks of batch ``index`` of ``epoch`` are a pure function of (seed, rank, epoch, index):
     they are drawn from their own numpy generator, seeded by those four values, whatever was drawn
@@ -59,8 +59,7 @@ class MaskGenerator:
 
     Banks come from ``pattern_bank(colour, cache_dir=cache_dir, **bank_options)``, or with
     ``bank_path`` from the authors' npz ("{colour}" in the path is replaced by the colour; loaded
-    textures are rank-normalised: order kept, ties broken). ``bank_info`` says which, per colour,
-    for logging with the run.
+    textures are rank-normalised: order kept, ties broken).
     """
 
     def __init__(
@@ -73,7 +72,6 @@ class MaskGenerator:
         rank: int = 0,
         device: str = "cpu",
         bank_path: str | Path | None = None,
-        rotate: bool = False,
         cache_dir: str | Path | None = None,
         bank_options: dict | None = None,
     ):
@@ -86,24 +84,21 @@ class MaskGenerator:
         self.num_visible = int(self.num_patches * (1 - self.mask_ratio))
         if self.num_visible < 1:
             raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch on a {grid}x{grid} grid")
-        self.seed, self.rank, self.rotate = int(seed), int(rank), bool(rotate)
+        self.seed, self.rank = int(seed), int(rank)
         self.device = str(device)
         self.xp = get_xp(self.device)
         self.wrap = bank_path is None  # generated banks are seamless; the authors' files may not be
         colours = sorted({colour for _, colour in self.schedule} - {"random"})
-        self.bank_info: dict[str, dict] = {}  # where each colour's textures came from, for logging
         self._banks = {
             colour: self._load_bank(colour, bank_path, cache_dir, bank_options or {}) for colour in colours
         }
 
     def _load_bank(self, colour: str, bank_path, cache_dir, options: dict):
-        """The colour's textures on the generator's device, recorded in ``bank_info``."""
+        """The colour's textures on the generator's device."""
         if bank_path is None:
-            self.bank_info[colour] = bank_params(colour, **options)
             textures = pattern_bank(colour, cache_dir=cache_dir, **options)
         else:
             path = str(bank_path).replace("{colour}", colour)
-            self.bank_info[colour] = {"file": path}
             textures = rank_normalise(load_pattern_file(path))
         if min(textures.shape[1:]) < self.grid:
             raise ValueError(
@@ -148,7 +143,7 @@ class MaskGenerator:
         return self.xp.asarray(rng.permuted(np.tile(row, (batch_size, 1)), axis=1))
 
     def _colour_masks(self, rng: np.random.Generator, bank, batch_size: int):
-        """Per sample: a texture, an offset and flips (and a transpose); the crop's top K stay visible."""
+        """Per sample: a texture, an offset and flips; the crop's top K stay visible."""
         xp, grid = self.xp, self.grid
         count, height, width = bank.shape
         # Wrapped crops may start anywhere; in-bounds crops where the whole crop fits.
@@ -162,9 +157,6 @@ class MaskGenerator:
         rows = (top[:, None] + xp.where(flip[0, :, None], grid - 1 - cells, cells)) % height
         cols = (left[:, None] + xp.where(flip[1, :, None], grid - 1 - cells, cells)) % width
         index = (texture[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
-        if self.rotate:
-            transpose = xp.asarray(rng.integers(2, size=batch_size, dtype=bool))
-            index = xp.where(transpose[:, None, None], index.transpose(0, 2, 1), index)
         values = bank.reshape(-1)[index.reshape(batch_size, -1)]
         # Crop values are distinct (rank-normalised textures), so exactly K are >= the K-th largest.
         kth = self.num_patches - self.num_visible

@@ -5,10 +5,12 @@ The random draws always come from a numpy generator on the host, so a given seed
 same texture on the CPU and on a GPU.
 """
 
+import sys
 from types import ModuleType
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 COLOURS = ("white", "red", "blue", "green", "purple")
 DEFAULT_ITERATIONS = 5
@@ -127,13 +129,15 @@ def colour_noise(
     iterations: int = DEFAULT_ITERATIONS,
     sigma: float = DEFAULT_SIGMA,
     sigmas: tuple[float, float] = DEFAULT_SIGMAS,
+    progress: str | None = None,
 ):
     """Colour-noise textures of ``shape`` (..., M, N), float32, each exactly uniform on [0, 1].
 
     White noise is filtered ``iterations`` times by the colour's filter (red: low-pass G_s;
     blue: high-pass 1 - G_s; green: band-pass G_s1 - G_s2; purple: band-stop 1 - (G_s1 - G_s2);
     white: none), and after every step each texture is rank-normalised (value -> rank / (N-1),
-    ties broken randomly), so the histogram stays exactly uniform.
+    ties broken randomly), so the histogram stays exactly uniform. ``progress`` labels a progress
+    bar over the filter steps, shown on a terminal only.
     """
     check_colour(colour)
     if len(shape) < 2 or min(shape) < 1:
@@ -147,7 +151,9 @@ def colour_noise(
     x = _ranks(white, tie_order, xp)
     response = filter_response(colour, xp, size, sigma, sigmas)
     if response is not None:
-        for _ in range(iterations):
+        steps = tqdm(range(iterations), desc=progress, unit="filter step", leave=False,
+                     disable=progress is None or not sys.stderr.isatty())
+        for _ in steps:
             x = _ranks(apply_filter(x.reshape(-1, *size), response, xp).reshape(x.shape), tie_order, xp)
     return x.reshape(shape)
 

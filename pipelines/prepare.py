@@ -39,9 +39,14 @@ PHOTO_SOURCES = (("mvtbdata", "images"), ("skimage", "data"), ("matplotlib", "mp
 BETON_WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzipped) as a uint8 array: images (N, H, W) or labels (N,)."""
-    data = gzip.decompress(path.read_bytes())
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST family's format, gzipped or not) as a uint8 array: images (N, H, W) or
+    labels (N,)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
     shape = np.frombuffer(data, dtype=">u4", count=ndim, offset=4)
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
@@ -70,8 +75,8 @@ def prepare_fashion_mnist(out: Path, *, src: Path = FASHION_MNIST_DIR, limit: in
     _ensure_fashion_mnist(src)
     jobs = []
     for split, prefix in FASHION_MNIST_SPLITS.items():
-        images = _read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:limit]
-        labels = _read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:limit]
+        images = read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:limit]
+        labels = read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:limit]
         if (out / split).exists():
             shutil.rmtree(out / split)  # a different limit, or an interrupted run
         for name in FASHION_MNIST_CLASSES:

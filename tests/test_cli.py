@@ -72,6 +72,23 @@ def test_train_help_and_print_config_answer_before_torch_loads(tmp_path):
     assert to_dict(load_config(tmp_path / "resolved.yaml")) == {**expected, "name": "resolved"}
 
 
+MODULE_COMMANDS = ("eval.knn", "eval.linear_probe", "eval.finetune", "eval.segmentation", "eval.compare",
+                   "model.export")
+
+
+@pytest.mark.parametrize("module", MODULE_COMMANDS)
+def test_module_help_answers_before_torch_loads(module):
+    """`python -m <module> --help` (as a fresh interpreter runs it) exits 0 without importing torch."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{module!r}, '--help']\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "finally:\n    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"usage: python -m {module}")
+    assert "torch imported: False" in done.stderr
+
+
 def test_train_dry_run_builds_everything_and_trains_nothing(tmp_path, random_image_folder):
     images = random_image_folder(tmp_path / "images", 3)
     runs = tmp_path / "runs"
