@@ -57,6 +57,13 @@ def add_pool_arg(parser: argparse.ArgumentParser) -> None:
                         help="cls token or mean patch token (default: %(default)s)")
 
 
+def add_head_args(parser: argparse.ArgumentParser, head: str, epochs: int) -> None:
+    """--epochs and --lr of the head an evaluation trains on frozen features (`common.fit_head`)."""
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help=f"{head} training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help=f"{head} AdamW peak lr (default: %(default)s)")
+
+
 def knn(doc: str | None) -> argparse.ArgumentParser:
     """The command line of `python -m eval.knn`."""
     parser = evaluation("eval.knn", doc)
@@ -73,8 +80,7 @@ def linear_probe(doc: str | None) -> argparse.ArgumentParser:
     parser = evaluation("eval.linear_probe", doc)
     add_data_args(parser)
     add_pool_arg(parser)
-    parser.add_argument("--epochs", type=int, default=30, help="probe training epochs (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="probe AdamW peak lr (default: %(default)s)")
+    add_head_args(parser, "probe", epochs=30)
     parser.add_argument("--probe-batch-size", type=int, default=256,
                         help="probe training batch (default: %(default)s)")
     return parser
@@ -118,8 +124,7 @@ def segmentation(doc: str | None) -> argparse.ArgumentParser:
                         help="canvases / crops to test on (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None,
                         help="at most this many photos per split (default: all)")
-    parser.add_argument("--epochs", type=int, default=20, help="head training epochs (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="head AdamW peak lr (default: %(default)s)")
+    add_head_args(parser, "head", epochs=20)
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images per feature / training batch (default: %(default)s)")
     return parser
