@@ -136,13 +136,13 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
 def test_weight_decay_skips_biases_norms_and_tokens(images, tmp_path):
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.path={images}", f"log.runs_root={tmp_path}",
                                                       *TINY, "log.mlflow=false"])
-    trainer = train.Trainer(cfg)
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in trainer.optimizer.param_groups}
+    run = train.build(cfg)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in run.optimizer.param_groups}
     assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias"} <= decay[0.0]
     assert all(n.endswith("weight") and "norm" not in n for n in decay[0.05])
     assert {"pos_embed", "decoder_pos_embed"}.isdisjoint(decay[0.0] | decay[0.05])  # fixed, not trained
-    assert trainer.optimizer.defaults["betas"] == (0.9, 0.95)
+    assert run.optimizer.defaults["betas"] == (0.9, 0.95)
 
 
 def test_gradient_accumulation_matches_one_big_batch(images, tmp_path):
@@ -155,15 +155,15 @@ def test_gradient_accumulation_matches_one_big_batch(images, tmp_path):
         cfg = load_config(ROOT / "configs" / "demo.yaml", [
             f"data.path={images}", f"log.runs_root={tmp_path / str(accum)}", *TINY, "log.mlflow=false",
             "train.warmup_epochs=0", f"train.accum_steps={accum}"])
-        trainer = train.Trainer(cfg)
-        trainer.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients to compare
+        run = train.build(cfg)
+        run.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients to compare
         micro = 8 // accum
         batches = iter([{"images": imgs[i:i + micro], "mask": mask[i:i + micro]} for i in range(0, 8, micro)])
-        loss, stop, _ = trainer.train_step(batches)
-        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((loss, grads, trainer.step, stop))
-    (loss1, grads1, step1, stop1), (loss2, grads2, step2, stop2) = results
-    assert loss2 == pytest.approx(loss1, rel=1e-5) and step1 == step2 == 1 and not (stop1 or stop2)
+        loss = train.train_step(run, batches)["loss"]
+        grads = {n: p.grad for n, p in run.model.named_parameters() if p.grad is not None}
+        results.append((loss, grads, run.step))
+    (loss1, grads1, step1), (loss2, grads2, step2) = results
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and step1 == step2 == 1
     assert grads1.keys() == grads2.keys() and len(grads1) > 10
     for name, grad in grads1.items():
         torch.testing.assert_close(grads2[name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -203,15 +203,15 @@ def test_mlflow_off_creates_no_store_and_never_imports_mlflow(images, tmp_path):
 
 def signal_during_step(monkeypatch, step: int) -> None:
     """Make the next run get SIGTERM during optimiser step `step`: it finishes the step, saves, returns."""
-    real_step = train.Trainer.train_step
+    real_step = train.train_step
 
-    def step_then_signal(self, batches):
-        if self.step == step - 1:
-            monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    def step_then_signal(run, batches):
+        if run.step == step - 1:
+            monkeypatch.setattr(train, "train_step", real_step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, batches)
+        return real_step(run, batches)
 
-    monkeypatch.setattr(train.Trainer, "train_step", step_then_signal)
+    monkeypatch.setattr(train, "train_step", step_then_signal)
 
 
 @pytest.mark.slow
@@ -243,14 +243,14 @@ def test_resume_after_sigterm_is_exact(images, runs, monkeypatch, loader):
 def record_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """From now on, every batch a training step takes is recorded as (mask, per-image mean colour)."""
     seen = []
-    real_step = train.Trainer.train_step
+    real_step = train.train_step
 
-    def recording_step(self, batches):
+    def recording_step(run, batches):
         batch = next(batches)  # one micro-batch per step in these tests
         seen.append((batch["mask"].clone(), batch["images"].mean(dim=(2, 3))))
-        return real_step(self, itertools.chain([batch], batches))
+        return real_step(run, itertools.chain([batch], batches))
 
-    monkeypatch.setattr(train.Trainer, "train_step", recording_step)
+    monkeypatch.setattr(train, "train_step", recording_step)
     return seen
 
 
@@ -308,7 +308,7 @@ def test_failure_before_the_first_step_ends_the_mlflow_run_as_failed(images, run
     def figure_fails(self):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.Trainer, "log_mask_figure", figure_fails)
+    monkeypatch.setattr(train.Report, "log_mask_figure", figure_fails)
     with pytest.raises(OSError, match="disk full"):
         train.main(args(images, runs, "train.epochs=1", "log.run_name=early"))
     client = MlflowClient(tracking.default_tracking_uri(runs))

@@ -1,0 +1,204 @@
+"""What a training run logs, and when: every logging decision of train.py's loop in one place.
+
+`Report` takes them on rank 0 (the other ranks log nothing): the run's params and provenance, the
+metrics of each window of log.every_steps steps (and of the epoch's or run's last steps), the progress
+bar on a terminal or else console lines, the mask and reconstruction figures, the encoder exports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.nn import functional as F
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+import tracking
+from configs import dump_config, flatten, to_dict
+from model import MaskedAutoencoderViT
+from model.export import model_card, write_encoder
+from noise import parse_schedule
+
+if TYPE_CHECKING:  # train imports this module
+    from train import Run
+
+log = logging.getLogger("train")
+
+
+class Report:
+    """The logging of one run (see the module's docstring); `on` on rank 0 only."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.on = run, run.rank == 0
+        self.bar = tqdm(total=run.cfg.train.epochs * run.steps_per_epoch, initial=run.step, unit="step",
+                        disable=not (self.on and sys.stderr.isatty()))
+        self.window: list[dict[str, float]] = []  # the metrics of the steps since the last flush
+        self.last_loss: float | None = None  # mean loss of the last flushed window: the model card's
+        self.sample: tuple | None = None  # (images, mask) shown by every reconstruction figure
+
+    def start(self) -> None:
+        """The run's params and provenance; the mask figure of a fresh run; a one-line summary."""
+        run, cfg, t, tracker = self.run, self.run.cfg, self.run.cfg.train, self.run.tracker
+        if not self.on:
+            return
+        tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": run.micro_batch,
+                            "world_size": run.world, "steps_per_epoch": run.steps_per_epoch})
+        if tracker.enabled:
+            tracker.log_text(dump_config(cfg), "config.yaml")  # reruns with --config
+            env = tracking.environment()
+            tracker.log_text("\n".join(env.pop("pip_freeze")) + "\n", "environment/pip-freeze.txt")
+            tracker.log_text(json.dumps(env, indent=2) + "\n", "environment/environment.json")
+            if run.loader.data_signature:  # the loader's own scan of the folder (none for a bare .beton)
+                data = Path(cfg.data.path)
+                tracker.log_dataset(data.name, str(data.resolve()), run.loader.data_signature,
+                                    run.loader.num_images)
+        if run.step == 0:
+            self.log_mask_figure()
+        log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d ranks), lr %.2e, "
+                 "%s on %s", run.folder, t.epochs, run.steps_per_epoch, t.batch_size, run.micro_batch,
+                 t.accum_steps, run.world, cfg.lr, run.dtype or "fp32", run.device)
+
+    def keep_sample(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """`batches`, unchanged; the first 8 images of this process's first batch are kept for the
+        reconstruction figures."""
+        for batch in batches:
+            if self.sample is None and self.on:
+                images, mask = batch["images"][:8].to(self.run.device), batch["mask"]
+                self.sample = (images.clone(), None if mask is None else mask[:8].clone())
+            yield batch
+
+    def step(self, metrics: dict[str, float], epoch: int) -> None:
+        """After each optimiser step: the progress bar; the metrics every log.every_steps steps."""
+        if not self.on:
+            return
+        self.window.append(metrics)
+        images_per_s = self.run.cfg.train.batch_size / metrics["step_s"]
+        self.bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}",
+                             refresh=False)
+        self.bar.update()
+        if self.run.step % self.run.cfg.log.every_steps == 0:
+            self.flush()
+
+    def end_epoch(self, epochs_done: int) -> None:
+        """After an epoch's checkpoints: its last metrics; the reconstruction figure and the encoder
+        export when due, and always after the last epoch."""
+        run, log_cfg, last_epoch = self.run, self.run.cfg.log, epochs_done == self.run.cfg.train.epochs
+        if not self.on:
+            return
+        self.flush()  # the epoch's last partial window is not lost
+        if log_cfg.recon_every and self.sample and (epochs_done % log_cfg.recon_every == 0 or last_epoch):
+            figure = run.folder / f"reconstruction-epoch-{epochs_done:04d}.png"
+            reconstruction_grid(run.model, *self.sample, figure)
+            run.tracker.log_artifact(figure, "reconstructions")
+        if run.tracker.enabled and (last_epoch or (log_cfg.weights_every
+                                                   and epochs_done % log_cfg.weights_every == 0)):
+            card = model_card(run.model.model_args, config=to_dict(run.cfg), epoch=epochs_done,
+                              step=run.step, final_loss=self.last_loss, run_id=run.tracker.run_id,
+                              fingerprint=run.fingerprint)
+            with tempfile.TemporaryDirectory() as tmp:
+                write_encoder(tmp, run.model.state_dict(), card)
+                run.tracker.log_model_folder(tmp, "encoder", step=run.step, tags={"epoch": epochs_done},
+                                             register_as=log_cfg.register_model if last_epoch else None)
+        if self.bar.disable:
+            log.info("epoch %d/%d done, checkpoints in %s", epochs_done, run.cfg.train.epochs, run.folder)
+
+    def flush(self) -> None:
+        """Log the mean of the window's steps to MLflow (and to the console without a bar); empty it."""
+        run = self.run
+        if not self.window:
+            return
+        losses, times, waits = np.array([(m["loss"], m["step_s"], m["data_wait_s"]) for m in self.window]).T
+        if run.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(run.device) / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        metrics = {"loss": losses.mean(), "lr": run.optimizer.param_groups[0]["lr"],
+                   "images_per_s": run.cfg.train.batch_size * len(times) / times.sum(),
+                   "data_wait": waits.sum() / times.sum(), "step_time_s": times.mean(),
+                   "peak_mem_mb": peak_mb, "epoch": run.step / run.steps_per_epoch}
+        run.tracker.log_metrics(metrics, run.step)
+        self.window, self.last_loss = [], float(metrics["loss"])
+        if self.bar.disable:
+            log.info("step %d (epoch %.2f): loss %.4f, lr %.2e, %.0f img/s, data wait %.1f%%", run.step,
+                     metrics["epoch"], metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                     100 * metrics["data_wait"])
+
+    def close(self, status: str) -> None:
+        """End the bar and, after the steps not logged yet, the MLflow run (FINISHED, KILLED or FAILED)."""
+        run, uri = self.run, self.run.tracker.uri
+        self.bar.close()
+        if self.on:
+            self.flush()  # the steps since the last flush, e.g. before a stop signal or a failure
+        run.tracker.close(status)
+        if self.on and status == "KILLED":
+            log.info("stop signal: saved %s at step %d; run the same command to resume",
+                     run.folder / "checkpoint-last.pth", run.step)
+        if self.on and status == "FINISHED":
+            print(f"\nDone. Checkpoints: {run.folder.resolve()}", flush=True)
+            if run.cfg.log.mlflow:
+                print(f"MLflow store: {uri}\nOpen it with:  {tracking.ui_command(uri)}", flush=True)
+
+    def log_mask_figure(self) -> None:
+        """The noise.show figure (an artifact) and noise.stats statistics (metrics at step 0) of the
+        run's mask colours."""
+        from noise.show import render
+        from noise.stats import colour_statistics
+
+        run, mask = self.run, self.run.cfg.mask
+        figure = run.folder / "masks.png"
+        colours = sorted({colour for _, colour in parse_schedule(mask.schedule)})
+        grid = run.cfg.data.img_size // run.model.patch_size
+        render(figure, colours, grid=grid, ratio=mask.ratio, bank_path=mask.bank)
+        run.tracker.log_artifact(figure, "figures")
+        statistics = colour_statistics(colours, grid, mask.ratio, bank_path=mask.bank)
+        run.tracker.log_metrics({f"mask_stats/{colour}/{name}": value for colour, values in statistics.items()
+                                 for name, value in values.items()}, 0)
+
+
+RECONSTRUCTION_ROWS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+
+
+@torch.no_grad()
+def reconstruction_grid(model: MaskedAutoencoderViT, images: torch.Tensor, mask: torch.Tensor | None,
+                        path: Path, min_side: int = 128) -> None:
+    """Save the labelled RECONSTRUCTION_ROWS, one column per image (hidden patches grey in row 2).
+
+    Images are scaled up (nearest neighbour) to at least `min_side` pixels so 32-pixel inputs stay legible.
+    """
+    model.eval()
+    _, pred, mask = model(images, mask)
+    model.train()
+    target = model.patchify(images)
+    if model.norm_pix_loss:  # predictions are per-patch normalised pixels: undo with the true statistics
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1)
+                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    original = (images.float() * std + mean).clamp(0, 1)
+    predicted = (model.unpatchify(pred.float()) * std + mean).clamp(0, 1)
+    hidden = model.unpatchify(mask[..., None].expand_as(target).float())
+    rows = torch.stack([original, original * (1 - hidden) + 0.5 * hidden, predicted,
+                        original * (1 - hidden) + predicted * hidden])
+    scale = -(-min_side // images.shape[-1])
+    cells = F.interpolate(rows.flatten(0, 1).cpu(), scale_factor=scale, mode="nearest")
+    grid = to_pil_image(make_grid(cells, nrow=len(images), padding=2, pad_value=1.0))
+    cell = images.shape[-1] * scale + 2
+    font = ImageFont.load_default(size=max(12, cell // 8))
+    label_width = int(max(font.getlength(label) for label in RECONSTRUCTION_ROWS)) + 12
+    figure = Image.new("RGB", (label_width + grid.width, grid.height), "white")
+    figure.paste(grid, (label_width, 0))
+    draw = ImageDraw.Draw(figure)
+    for row, label in enumerate(RECONSTRUCTION_ROWS):
+        draw.text((6, row * cell + cell // 2), label, fill="black", font=font, anchor="lm")
+    figure.save(path)
