@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
@@ -54,8 +53,8 @@ from configs.config import TrainConfig
 from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae
 from model.checkpoint import read_training_checkpoint, save_checkpoint
-from pipelines import Loader, LoaderConfig, build_loader, scan
-from train_report import Report, reconstruction_grid  # noqa: F401 (train.reconstruction_grid stays public)
+from pipelines import LoaderConfig, build_loader, scan
+from train_report import Report, Run, reconstruction_grid  # noqa: F401 (train.reconstruction_grid stays public)
 
 log = logging.getLogger("train")
 
@@ -129,29 +128,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, *, warmup_
     return CosineLRScheduler(
         optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=t.min_lr, warmup_t=warmup_steps,
         warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-
-
-@dataclass
-class Run:
-    """One training run's parts, as `build` returns them; `step` counts the optimiser steps done."""
-
-    cfg: Config
-    folder: Path
-    rank: int
-    world: int
-    device: torch.device
-    model: MaskedAutoencoderViT
-    loader: Loader
-    micro_batch: int  # images per rank and micro-batch
-    steps_per_epoch: int
-    fingerprint: str  # equal for runs that differ only in seed and mask: eval.compare pools those
-    optimizer: torch.optim.AdamW
-    scheduler: CosineLRScheduler
-    scaler: torch.amp.GradScaler  # active for fp16 only
-    dtype: torch.dtype | None  # autocast's; None is fp32
-    step: int = 0
-    ddp: nn.Module = field(init=False)  # what the step calls: the model, inside DDP with several ranks
-    tracker: tracking.Tracker = field(init=False)  # opened last: the checkpoint names the run to continue
 
 
 def build(cfg: Config, resume: str | None = None) -> Run:

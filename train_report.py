@@ -1,4 +1,5 @@
-"""What a training run logs, and when: every logging decision of train.py's loop in one place.
+"""A training run's parts (`Run`, what train.build returns) and what it logs, and when: every
+logging decision of train.py's loop in one place.
 
 `Report` takes them on rank 0 (the other ranks log nothing): the run's params and provenance, the
 metrics of each window of log.every_steps steps (and of the epoch's or run's last steps), the progress
@@ -13,28 +14,51 @@ import resource
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.scheduler import CosineLRScheduler
+from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import tracking
-from configs import dump_config, flatten, to_dict
+from configs import Config, dump_config, flatten, to_dict
 from model import MaskedAutoencoderViT
 from model.export import model_card, write_encoder
 from noise import parse_schedule
-
-if TYPE_CHECKING:  # train imports this module
-    from train import Run
+from pipelines import Loader
 
 log = logging.getLogger("train")
+
+
+@dataclass
+class Run:
+    """One training run's parts, as `build` returns them; `step` counts the optimiser steps done."""
+
+    cfg: Config
+    folder: Path
+    rank: int
+    world: int
+    device: torch.device
+    model: MaskedAutoencoderViT
+    loader: Loader
+    micro_batch: int  # images per rank and micro-batch
+    steps_per_epoch: int
+    fingerprint: str  # equal for runs that differ only in seed and mask: eval.compare pools those
+    optimizer: torch.optim.AdamW
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler  # active for fp16 only
+    dtype: torch.dtype | None  # autocast's; None is fp32
+    step: int = 0
+    ddp: nn.Module = field(init=False)  # what the step calls: the model, inside DDP with several ranks
+    tracker: tracking.Tracker = field(init=False)  # opened last: the checkpoint names the run to continue
 
 
 class Report:

@@ -8,6 +8,7 @@ CheckpointError naming the file, the keys and shapes instead of torch's tracebac
 on when its checkpoint-last.pth is broken.
 """
 
+import json
 import logging
 import os
 import pickle
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -27,6 +29,8 @@ from model.presets import DEFAULTS, PRESETS
 
 log = logging.getLogger(__name__)
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+WEIGHTS_FILE = "model.safetensors"  # an exported encoder (model.export): its weights and its card
+CARD_FILE = "model-card.json"
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")  # what makes two encoders the same size
 TIMM_HEAD_KEYS = ("head.", "attn_pool.")  # freshly initialised by timm, never in an MAE checkpoint
 
@@ -165,10 +169,16 @@ def read_training_checkpoint(path: Path, model_args: dict[str, Any], *, recover:
     return path, ckpt
 
 
+def read_encoder(folder: str | Path) -> tuple[dict, dict[str, Any]]:
+    """(encoder state dict, card) of a model.export folder; a clear error when it is not one."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CARD_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not an exported encoder (needs {WEIGHTS_FILE} and {CARD_FILE})")
+    return load_file(folder / WEIGHTS_FILE), json.loads((folder / CARD_FILE).read_text())
+
+
 def _read(path_or_dict: str | Path | dict) -> dict:
     if not isinstance(path_or_dict, dict) and Path(path_or_dict).is_dir():  # a model.export folder
-        from model.export import read_encoder
-
         state, card = read_encoder(path_or_dict)
         return {"model": state, "model_args": card["model_args"]}
     if not isinstance(path_or_dict, dict):

@@ -10,8 +10,7 @@ The folder holds `model.safetensors` (timm VisionTransformer parameter names) an
     vit = timm.create_model(card["timm_model"], pretrained=False, **card["timm_kwargs"])
     vit.load_state_dict(safetensors.torch.load_file("exported/demo/model.safetensors"), strict=True)
 
-torch, safetensors and mlflow load inside the functions that use them: `--help` answers at once,
-and model.checkpoint (which reads exported folders back) can import this module.
+`--help` answers before torch loads; mlflow loads only for --run-id.
 """
 
 from __future__ import annotations
@@ -22,10 +21,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from model.presets import DEFAULTS, PRESETS
 
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model-card.json"
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--checkpoint PATH or --run-id ID, and --out DIR."""
+    parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a train.py checkpoint (.pth)")
+    source.add_argument("--run-id", help="an MLflow pretraining run id")
+    parser.add_argument("--out", required=True, help="folder to write model.safetensors and model-card.json")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="tracking URI for --run-id (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help answers here, before torch loads
+    parse_args()
+
+# torch loads with these (after --help): noqa for imports below the early parse, as in train.py
+from safetensors.torch import save_file  # noqa: E402
+
+from model.checkpoint import CARD_FILE, ENCODER_KEYS, WEIGHTS_FILE, read_encoder, read_pretrained  # noqa: E402
+from model.presets import DEFAULTS, PRESETS  # noqa: E402
+
 # The timm architecture each preset is (the card's timm_kwargs fix image, patch size and depth).
 TIMM_MODELS = {"demo": "vit_tiny_patch16_224", "vit_tiny": "vit_tiny_patch16_224",
                "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
@@ -53,9 +71,6 @@ def model_card(model_args: dict[str, Any], *, config: dict | None, epoch: int, s
 
 def write_encoder(out_dir: str | Path, mae_state: dict, card: dict[str, Any]) -> Path:
     """Write the encoder part of an MAE state dict as safetensors, and the card; returns the folder."""
-    from safetensors.torch import save_file
-
-    from model.checkpoint import ENCODER_KEYS
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,21 +80,9 @@ def write_encoder(out_dir: str | Path, mae_state: dict, card: dict[str, Any]) ->
     return out
 
 
-def read_encoder(folder: str | Path) -> tuple[dict, dict[str, Any]]:
-    """(encoder state dict, card) of an exported folder; a clear error when it is not one."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CARD_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not an exported encoder (needs {WEIGHTS_FILE} and {CARD_FILE})")
-    return load_file(folder / WEIGHTS_FILE), json.loads((folder / CARD_FILE).read_text())
-
-
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, final_loss: float | None = None,
                       fingerprint: str | None = None) -> Path:
     """A train.py checkpoint -> exported folder."""
-    from model.checkpoint import read_pretrained
-
     ckpt = read_pretrained(path)
     card = model_card(ckpt["model_args"], config=ckpt.get("config"), epoch=ckpt.get("epoch", 0),
                       step=ckpt.get("step", 0), final_loss=final_loss, run_id=ckpt.get("mlflow_run_id"),
@@ -118,15 +121,7 @@ def export_run(run_id: str, uri: str, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """Command line: --checkpoint PATH or --run-id ID -> --out DIR."""
-    parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a train.py checkpoint (.pth)")
-    source.add_argument("--run-id", help="an MLflow pretraining run id")
-    parser.add_argument("--out", required=True, help="folder to write model.safetensors and model-card.json")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="tracking URI for --run-id (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.checkpoint:
             out = export_checkpoint(args.checkpoint, args.out)

@@ -18,17 +18,18 @@ section) imports without torch.
 
 from importlib import import_module
 
-from noise.config import MaskConfig, check_ratio
+from noise.config import MaskConfig
 
 _LAZY = {
     **dict.fromkeys(("BANK_VERSION", "DEFAULT_COUNT", "DEFAULT_SIZE", "bank_params", "default_cache_dir",
                      "load_pattern_file", "pattern_bank"), "noise.bank"),
-    **dict.fromkeys(("MASK_TYPES", "MaskGenerator", "colour_at", "mask_to_torch", "parse_schedule"),
+    **dict.fromkeys(("MASK_TYPES", "MaskGenerator", "check_ratio", "colour_at", "mask_to_torch",
+                     "parse_schedule"),
                     "noise.masks"),
     **dict.fromkeys(("COLOURS", "DEFAULT_ITERATIONS", "DEFAULT_SIGMA", "DEFAULT_SIGMAS", "colour_noise",
                      "get_xp", "radial_power_spectrum", "rank_normalise"), "noise.textures"),
 }
-__all__ = ["MaskConfig", "check_ratio", *_LAZY]
+__all__ = ["MaskConfig", *_LAZY]
 
 
 def __getattr__(name: str):

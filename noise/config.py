@@ -1,4 +1,4 @@
-"""The `mask:` section of a training config and the mask-ratio check, declared beside the masks.
+"""The `mask:` section of a training config, declared beside the masks.
 
 Imports nothing heavy (the mask modules load inside `check`), so `train.py --print-config` reads
 the schema before torch loads.
@@ -7,12 +7,6 @@ the schema before torch loads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-def check_ratio(ratio: float) -> None:
-    """Raise ValueError unless 0 < ratio < 1 (the share of patches hidden)."""
-    if not 0 < ratio < 1:
-        raise ValueError(f"mask_ratio must be in (0, 1); got {ratio}")
 
 
 @dataclass
@@ -26,7 +20,7 @@ class MaskConfig:
     def check(self) -> list[str]:
         """Problems, one line each naming its key: the ratio, the schedule, an unreadable bank."""
         from noise.bank import load_pattern_file
-        from noise.masks import MASK_TYPES, parse_schedule
+        from noise.masks import MASK_TYPES, check_ratio, parse_schedule
 
         problems = []
         try:

@@ -8,10 +8,15 @@ import numpy as np
 import torch
 
 from noise.bank import load_pattern_file, pattern_bank
-from noise.config import check_ratio
 from noise.textures import COLOURS, check_colour, get_xp, rank_normalise
 
 MASK_TYPES = (*COLOURS, "random")
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise ValueError unless 0 < ratio < 1 (the share of patches hidden)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1); got {ratio}")
 
 
 def parse_schedule(text: str) -> list[tuple[int, str]]:

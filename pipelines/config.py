@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from noise.config import check_ratio
-
 if TYPE_CHECKING:
     from noise.config import MaskConfig
 
@@ -95,6 +93,8 @@ class LoaderConfig:
     def check(self) -> None:
         """Raise ValueError naming each bad field and the allowed values."""
         import torch
+
+        from noise import check_ratio
 
         problems = _shared_problems(self.loader, self.workers)
         if self.img_size <= 0 or self.patch_size <= 0 or self.img_size % self.patch_size:
