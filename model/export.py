@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":  # --help answers here, before torch loads
     parse_args()
 
-# torch loads with these (after --help): noqa for imports below the early parse, as in train.py
+# torch loads with these, after the early --help (parse_args above must precede them, hence the noqa)
 from safetensors.torch import save_file  # noqa: E402
 
 from model.checkpoint import CARD_FILE, ENCODER_KEYS, WEIGHTS_FILE, read_encoder, read_pretrained  # noqa: E402
