@@ -8,13 +8,38 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from noise.masks import MASK_TYPES, MaskGenerator
-from noise.stats import DEFAULT_MASKS, colour_statistics, format_table
-from noise.textures import COLOURS, check_colour, radial_power_spectrum
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m noise.show` (plain argparse: --help answers before torch loads)."""
+    parser = argparse.ArgumentParser(prog="python -m noise.show", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--colours", nargs="+", default=None,
+                        help="mask types to draw: white red blue green purple random (default: all)")
+    parser.add_argument("--grid", type=int, default=14, help="patch grid side (image size / patch size) "
+                        "(default: 14)")
+    parser.add_argument("--ratio", type=float, default=0.75, help="mask ratio in (0, 1) (default: 0.75)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="pattern bank cache (default: noise.default_cache_dir())"
+    )
+    parser.add_argument("--bank", default=None, help="authors' pattern npz ('{colour}' is replaced) "
+                        "(default: generated banks)")
+    parser.add_argument("--masks", type=int, default=None,
+                        help="masks per statistic (default: noise.stats.DEFAULT_MASKS)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors answer here, before torch and matplotlib load
+    build_parser().parse_args()
+
+# The imports below follow the early parse on purpose (hence the noqa).
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from noise.masks import MASK_TYPES, MaskGenerator  # noqa: E402
+from noise.stats import DEFAULT_MASKS, colour_statistics, format_table  # noqa: E402
+from noise.textures import COLOURS, check_colour, radial_power_spectrum  # noqa: E402
 
 MASKS_PER_COLOUR = 4
 
@@ -75,18 +100,10 @@ def draw_bank(texture_axis, spectrum_axis, bank: np.ndarray) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--colours", nargs="+", default=list(MASK_TYPES), help=", ".join(MASK_TYPES))
-    parser.add_argument("--grid", type=int, default=14, help="patch grid side (image size / patch size)")
-    parser.add_argument("--ratio", type=float, default=0.75, help="mask ratio in (0, 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cache-dir", default=None, help="pattern bank cache (default: noise.default_cache_dir())"
-    )
-    parser.add_argument("--bank", default=None, help="authors' pattern npz ('{colour}' is replaced)")
-    parser.add_argument("--masks", type=int, default=DEFAULT_MASKS, help="masks per statistic")
+    """Command line: draw the gallery and print the statistics table."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.colours, args.masks = args.colours or list(MASK_TYPES), args.masks or DEFAULT_MASKS
     options = {"seed": args.seed, "cache_dir": args.cache_dir, "bank_path": args.bank}
     try:
         path = render(args.out, args.colours, args.grid, args.ratio, **options)

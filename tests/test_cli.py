@@ -73,7 +73,7 @@ def test_train_help_and_print_config_answer_before_torch_loads(tmp_path):
 
 
 MODULE_COMMANDS = ("eval.knn", "eval.linear_probe", "eval.finetune", "eval.segmentation", "eval.compare",
-                   "model.export")
+                   "model.export", "noise.show", "pipelines.prepare")
 
 
 @pytest.mark.parametrize("module", MODULE_COMMANDS)
