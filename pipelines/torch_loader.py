@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -102,7 +103,10 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of (epoch, index) for this rank, skipping the first `skip` batches undecoded."""
 
     def __init__(self, loader: TorchLoader):
-        self.loader = loader
+        # Weak: the loader owns this sampler. A cycle would keep a dropped loader and its persistent
+        # workers alive until a garbage collection, which may then run inside a worker forked by the
+        # next loader, where the workers cannot be shut down ("can only test a child process").
+        self.loader = weakref.proxy(loader)
         self.skip = 0
 
     def indices(self) -> np.ndarray:

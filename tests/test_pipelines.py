@@ -4,7 +4,9 @@ ffcv JIT-compiles (numba) a pipeline per Loader, tens of seconds on 2 cores: the
 of all backends are built once per module and shared by the tests.
 """
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +225,26 @@ def test_torch_augmentation_does_not_depend_on_worker_count(folder):
     multi = next(iter(build_loader(_config(folder, "torch", train=True, mask=None, workers=2))))
     assert single["mask"] is None
     assert torch.equal(single["images"], multi["images"]) and torch.equal(single["labels"], multi["labels"])
+
+
+def test_a_dropped_torch_loader_stops_its_workers_at_once(folder):
+    """No reference cycle keeps a used loader (and its persistent workers) alive after its last reference
+    goes: left to a later garbage collection, that may run in a worker forked by the next loader, which
+    cannot stop them (eval.knn printed "Exception ignored ... can only test a child process")."""
+    loader = build_loader(_config(folder, "torch", workers=2))
+    _epoch(loader)
+    workers = loader.dataloader._iterator._workers  # persistent: alive after the epoch
+    assert workers and all(w.is_alive() for w in workers)
+    gc.disable()  # only reference counting may free it
+    try:
+        dropped = weakref.ref(loader)
+        del loader
+        assert dropped() is None
+        for worker in workers:
+            worker.join(timeout=10)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow
