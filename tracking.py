@@ -164,9 +164,11 @@ def environment() -> dict[str, Any]:
     """Python, CUDA/driver/GPUs and the versions of the loader libraries, for the run's artifacts."""
     import torch
 
+    from pipelines.backends import optional_packages
+
     packages = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
-    loaders = {name: version for name, version in packages.items()
-               if name.startswith(("nvidia-dali", "ffcv", "cupy"))}
+    libraries = (*(dist.split("-cuda")[0] for dist in optional_packages().values()), "cupy")
+    loaders = {name: version for name, version in packages.items() if name.startswith(libraries)}
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     driver = nvidia_smi("driver_version").get("driver_version") if gpus else None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,

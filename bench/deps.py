@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 from importlib import metadata
 
+from pipelines.backends import optional_packages
+
 # module -> the pip distribution that provides it (as named in requirements.txt)
 PACKAGES = {
-    "nvidia.dali": "nvidia-dali-cuda130",
-    "ffcv": "ffcv",
+    **optional_packages(),  # the loader backends'
     "cupy": "cupy-cuda13x",
     "mlflow": "mlflow",
     "mvtbdata": "mvtb-data",

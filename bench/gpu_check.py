@@ -55,6 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.deps import missing, skip_reason, version
+from pipelines.backends import BACKENDS, optional_packages
 from pipelines.prepare import FASHION_MNIST_DIR, PHOTO_SOURCES
 from tracking import nvidia_smi
 
@@ -64,7 +65,8 @@ SMOKE_SLACK = 2  # --smoke: budgets and total x2, for a busy CI machine (toy siz
 REPRODUCE_S = 600  # bench.reproduce's GPU budget
 WHEELS_ENV = "GPU_CHECK_WHEELS"  # set in the re-run that --wheels starts: the folder they went to
 E2E_STEPS = 200
-OPTIONAL = {"mlflow", "nvidia", "ffcv", "cupy"}  # top-level modules of the packages a GPU image may lack
+# top-level modules of the packages a GPU image may lack
+OPTIONAL = {"mlflow", "cupy", *(module.split(".")[0] for module in optional_packages())}
 
 
 @dataclass
@@ -134,8 +136,9 @@ def environment() -> dict:
     return {"gpu": gpu, "driver": found.get("driver_version"), "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": version("torchvision"), "timm": version("timm"),
-            "numpy": version("numpy"), "cupy": version("cupy"), "dali": version("nvidia.dali"),
-            "ffcv": version("ffcv"), "mlflow": version("mlflow"), "cpus": os.cpu_count()}
+            "numpy": version("numpy"), "cupy": version("cupy"),
+            **{name: version(next(iter(b.packages))) for name, b in BACKENDS.items() if b.packages},
+            "mlflow": version("mlflow"), "cpus": os.cpu_count()}
 
 
 # -- reading what each part wrote --------------------------------------------------------------
@@ -216,7 +219,8 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
                                          "--n", str(s.corpus_n)], lambda part, out: [],
                           skip=f"skipped: missing one of {', '.join(absent)} (or pass --data DIR)"
                           if len(absent) == len(photos) else None))
-    loaders = "torch,dali,imagefolder" if args.smoke else "torch,dali,ffcv,imagefolder"
+    loaders = ",".join([*(name for name, b in BACKENDS.items() if not (args.smoke and b.slow_start)),
+                        "imagefolder"])
     parts.append(Part("loaders", 100, [py, "-m", "bench.loaders", "--data", str(corpus), "--device",
                                        s.device, "--loaders", loaders, "--img-size", str(s.img_size),
                                        "--batch-size", str(s.batch), "--rounds", "1" if args.smoke else "2",
@@ -226,11 +230,10 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
     parts.append(Part("train-step", 150, [py, "-m", "bench.train_step", "--models", s.model,
                                           "--inputs", "synthetic", "--batch", str(s.batch), *s.train_args,
                                           "--json", str(out / "train-step.json")], read_json_rows))
-    for loader in ("torch", "dali", "ffcv"):
-        needs = {"dali": "nvidia.dali", "ffcv": "ffcv"}.get(loader)
-        reason = skip_reason(needs) if needs else None
-        if args.smoke and loader == "ffcv" and not reason:
-            reason = "skipped: --smoke (ffcv's numba compilation takes minutes on a small CPU)"
+    for loader, backend in BACKENDS.items():
+        reason = skip_reason(*backend.packages)
+        if args.smoke and backend.slow_start and not reason:
+            reason = f"skipped: --smoke ({backend.slow_start})"
         parts.append(Part(f"e2e-{loader}", 60, e2e_command(loader, s, corpus, out), read_train_log,
                           skip=reason, needs_corpus=True))
     reproduce_skip = (f"skipped: missing {FASHION_MNIST_DIR} (Debian dataset-fashion-mnist)"
@@ -401,7 +404,7 @@ def targets(parts: dict[str, Part], smoke: bool) -> list[dict]:
         best_rate = max(r["images_per_s"] for r in train)
         speedup = best_rate / baseline[0]["public_style_images_per_s"]
         check("train step: >= 1.3x the public-MAE-style step", speedup, speedup >= 1.3)
-    waits = [row for name in ("e2e-torch", "e2e-dali", "e2e-ffcv") for row in rows(name, "train.py")]
+    waits = [row for name in BACKENDS for row in rows(f"e2e-{name}", "train.py")]
     if waits:
         best = min(waits, key=lambda r: r["data_wait"])
         check(f"train.py: data wait <= 5% with the best loader ({best['loader']})", best["data_wait"],

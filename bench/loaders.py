@@ -39,12 +39,11 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 from bench.deps import skip_reason
-from pipelines import LOADERS, LoaderConfig, build_loader, scan
+from pipelines import BACKENDS, LOADERS, LoaderConfig, build_loader, scan
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SCALE
 from pipelines.prepare import prepare_jpeg_corpus
 from pipelines.torch_loader import build_transform
 
-NEEDS = {"dali": "nvidia.dali", "ffcv": "ffcv"}  # backend -> module it imports
 PEER = "imagefolder"
 
 
@@ -193,7 +192,7 @@ def main() -> None:
     files = scan(data).files
     results, loaders = [], {}
     for name in args.loaders.split(","):
-        reason = skip_reason(NEEDS[name]) if name in NEEDS else None
+        reason = skip_reason(*BACKENDS[name].packages) if name in BACKENDS else None
         if reason:
             results.append({"loader": name, "device": device.type, "skipped": reason})
             print(f"{name}: {reason}", flush=True)

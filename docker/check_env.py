@@ -12,12 +12,16 @@ import argparse
 import importlib.metadata
 import io
 import json
+import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 
-PACKAGES = ("torch", "torchvision", "timm", "numpy", "mlflow", "nvidia-dali-cuda130", "cupy-cuda13x", "ffcv",
-            "psycopg2-binary")
+# The loader backends' table, read by path: the image runs this file without installing the project.
+BACKEND_TABLE = runpy.run_path(str(Path(__file__).resolve().parents[1] / "pipelines" / "backends.py"))
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "mlflow",
+            *BACKEND_TABLE["optional_packages"]().values(), "cupy-cuda13x", "psycopg2-binary")
 
 
 def torch_check(gpu: bool) -> str:

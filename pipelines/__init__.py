@@ -7,13 +7,15 @@ Every batch is a dict: ``images`` float32 (B, 3, S, S) normalised with the Image
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from typing import Protocol
 
-from .config import LOADERS, DataConfig, LoaderConfig
+from .backends import BACKENDS, LOADERS
+from .config import DataConfig, LoaderConfig
 from .manifest import Manifest, scan
 
-__all__ = ["LOADERS", "DataConfig", "Loader", "LoaderConfig", "Manifest", "build_loader", "scan"]
+__all__ = ["BACKENDS", "LOADERS", "DataConfig", "Loader", "LoaderConfig", "Manifest", "build_loader", "scan"]
 
 
 class Loader(Protocol):
@@ -30,10 +32,5 @@ class Loader(Protocol):
 def build_loader(cfg: LoaderConfig) -> Loader:
     """Validate `cfg` and build the chosen backend (which scans the data folder: cached manifest)."""
     cfg.check()
-    if cfg.loader == "ffcv":
-        from .ffcv_loader import FFCVLoader as Backend
-    elif cfg.loader == "dali":
-        from .dali_loader import DALILoader as Backend
-    else:
-        from .torch_loader import TorchLoader as Backend
-    return Backend(cfg)
+    module, name = BACKENDS[cfg.loader].target.split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), name)(cfg)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .backends import BACKENDS, LOADERS
+
 if TYPE_CHECKING:
     from noise.config import MaskConfig
-
-LOADERS = ("torch", "dali", "ffcv")
 
 
 def _shared_problems(loader: str, workers: int | None) -> list[str]:
@@ -107,6 +107,9 @@ class LoaderConfig:
         device = torch.device(self.device)
         if device.type not in ("cpu", "cuda"):
             problems.append(f"device={self.device!r}: allowed values are 'cpu' and 'cuda[:N]'")
+        elif self.loader in BACKENDS and device.type not in BACKENDS[self.loader].devices:
+            problems.append(f"device={self.device!r}: the {self.loader} loader runs on "
+                            f"{' or '.join(BACKENDS[self.loader].devices)} only")
         elif device.type == "cuda" and not torch.cuda.is_available():
             problems.append(f"device={self.device!r} but no CUDA device is available; use device='cpu'")
         if self.mask:
