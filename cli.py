@@ -1,21 +1,34 @@
 """Command-line conventions shared by train.py and the eval/ commands (imports nothing heavy).
 
-The same flag means the same thing everywhere: --mlflow-uri, --experiment, --device, --seed. Every
-option states its default in its help; enumerations are `choices`.
+Each command defines its own `build_parser()` above its heavy imports and calls `answer_early` in an
+`if __name__ == "__main__"` block before them, so --help and usage errors answer before torch loads.
+The flags below mean the same thing everywhere: --mlflow-uri, --experiment, --device, --seed, the
+checkpoint and data flags of the evaluations. Every option states its default in its help;
+enumerations are `choices`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from configs.config import DEVICES  # the config sections' own lists (they import no torch)
-from pipelines.config import LOADERS
+from model.presets import PRESETS
+from pipelines.backends import LOADERS
+
+POOLS = ("cls", "avg")  # how one vector summarises an image: the cls token or the mean patch token
 
 
 def make_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """A parser named as it is run (e.g. `python -m eval.knn`), with the module docstring as description."""
     return argparse.ArgumentParser(prog=prog, description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def answer_early(parser: argparse.ArgumentParser) -> None:
+    """Parse sys.argv before the heavy imports: --help and usage errors exit here (`--debug` is
+    errors.run_cli's flag, taken out first)."""
+    parser.parse_args([arg for arg in sys.argv[1:] if arg != "--debug"])
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, uri_default: str, experiment_default: str,
@@ -31,44 +44,42 @@ def add_common_args(parser: argparse.ArgumentParser, *, uri_default: str, experi
                         help=f"random seed (default: {'the config value' if seed_default is None else 0})")
 
 
-def train_parser(doc: str | None = None) -> argparse.ArgumentParser:
-    """The command line of train.py (`doc`: its description)."""
-    parser = make_parser("train.py", doc)
-    parser.add_argument("--config", help="YAML file in configs/ (default: the built-in paper recipe)")
-    parser.add_argument("overrides", nargs="*",
-                        help="config overrides such as train.epochs=2 mask.schedule=blue (default: none)")
-    parser.add_argument("--loader", choices=LOADERS, help="data loader (default: the config's data.loader)")
-    parser.add_argument("--resume",
-                        help="checkpoint or run folder (default: the run's checkpoint-last.pth, if any)")
-    add_common_args(parser, uri_default="log.mlflow_uri, else MLFLOW_TRACKING_URI, else SQLite in the "
-                    "runs root", experiment_default="the config's log.experiment", device_default=None,
-                    seed_default=None)
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit (default: off)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config, scan the data and build the model, then exit "
-                             "without training (default: off)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an expected failure, like COLORMAE_DEBUG=1 "
-                             "(default: off)")
+def evaluation_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m <module>` with the checkpoint flags every evaluation shares:
+    --checkpoint, --model, --mlflow-uri, --experiment, --device, --seed, --pretrain-run-id, --offline-dir."""
+    parser = make_parser(f"python -m {module}", doc)
+    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (.pth) (required)")
+    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
+                        help="preset the checkpoint must match; checked, not rebuilt (default: no check)")
+    add_common_args(parser, uri_default="the pretraining run's store, from the checkpoint config",
+                    experiment_default="the pretraining run's, from the checkpoint config")
+    parser.add_argument("--pretrain-run-id", default=None,
+                        help="MLflow run id of the pretraining run (default: the checkpoint's)")
+    parser.add_argument("--offline-dir", default=None,
+                        help="where metrics go while the server is down (default: runs/mlflow-offline)")
     return parser
 
 
-def train_overrides(args: argparse.Namespace) -> list[str]:
-    """train.py's positional key=value overrides, then those its flags stand for."""
-    flags = {"loader": "data.loader", "mlflow_uri": "log.mlflow_uri", "experiment": "log.experiment",
-             "device": "train.device", "seed": "train.seed"}
-    return [*args.overrides, *(f"{key}={getattr(args, flag)}" for flag, key in flags.items()
-                               if getattr(args, flag) is not None)]
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for a class-folder dataset with train/ and val/ splits (as `pipelines.prepare` writes)."""
+    parser.add_argument("--data", required=True,
+                        help="root with train/<class>/ and val/<class>/ folders (required)")
+    parser.add_argument("--loader", choices=LOADERS, default="torch",
+                        help="pipelines loader backend (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="images per feature batch (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="loader worker processes (default: %(default)s)")
 
 
-def train_answer_early(doc: str | None, argv: list[str]) -> None:
-    """Answer train.py --help and --print-config before torch is imported (that takes seconds)."""
-    import errors
-    from configs import dump_config, load_config
+def add_pool_arg(parser: argparse.ArgumentParser) -> None:
+    """--pool: which token summarises an image."""
+    parser.add_argument("--pool", choices=POOLS, default="cls",
+                        help="cls token or mean patch token (default: %(default)s)")
 
-    args = train_parser(doc).parse_intermixed_args(argv)
-    if args.print_config:
-        with errors.reported(args.debug):
-            print(dump_config(load_config(args.config, train_overrides(args))), end="")
-        raise SystemExit(0)
+
+def add_head_args(parser: argparse.ArgumentParser, head: str, epochs: int) -> None:
+    """--epochs and --lr of the head an evaluation trains on frozen features (`eval.common.fit_head`)."""
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help=f"{head} training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help=f"{head} AdamW peak lr (default: %(default)s)")

@@ -25,16 +25,60 @@ import logging
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import cli
+import errors
+from configs import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict, validate
+from pipelines.backends import LOADERS
 
-if __name__ == "__main__":  # --help and --print-config answer here, before torch loads (seconds)
-    cli.train_answer_early(__doc__, sys.argv[1:])
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of train.py."""
+    parser = cli.make_parser("train.py", __doc__)
+    parser.add_argument("--config", help="YAML file in configs/ (default: the built-in paper recipe)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides such as train.epochs=2 mask.schedule=blue (default: none)")
+    parser.add_argument("--loader", choices=LOADERS, help="data loader (default: the config's data.loader)")
+    parser.add_argument("--resume",
+                        help="checkpoint or run folder (default: the run's checkpoint-last.pth, if any)")
+    cli.add_common_args(parser, uri_default="log.mlflow_uri, else MLFLOW_TRACKING_URI, else SQLite in the "
+                        "runs root", experiment_default="the config's log.experiment", device_default=None,
+                        seed_default=None)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit (default: off)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, scan the data and build the model, then exit "
+                             "without training (default: off)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected failure, like COLORMAE_DEBUG=1 "
+                             "(default: off)")
+    return parser
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The positional key=value overrides, then those the flags stand for."""
+    flags = {"loader": "data.loader", "mlflow_uri": "log.mlflow_uri", "experiment": "log.experiment",
+             "device": "train.device", "seed": "train.seed"}
+    return [*args.overrides, *(f"{key}={getattr(args, flag)}" for flag, key in flags.items()
+                               if getattr(args, flag) is not None)]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Command line -> (Config, args); the config is validated separately."""
+    args = build_parser().parse_intermixed_args(argv)
+    return load_config(args.config, config_overrides(args)), args
+
+
+if __name__ == "__main__":  # --help, usage errors and --print-config answer here, before torch loads
+    early = build_parser().parse_intermixed_args()
+    if early.print_config:
+        with errors.reported(early.debug):
+            print(dump_config(load_config(early.config, config_overrides(early))), end="")
+        raise SystemExit(0)
 
 import numpy as np
 import torch
@@ -45,10 +89,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import errors
 import run_lock
 import tracking
-from configs import Config, ConfigError, load_config, model_kwargs, to_dict, validate
 from configs.config import TrainConfig
 from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae
@@ -61,12 +103,6 @@ log = logging.getLogger("train")
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops before the optimiser step."""
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Command line -> (Config, args); the config is validated separately."""
-    args = cli.train_parser(__doc__).parse_intermixed_args(argv)
-    return load_config(args.config, cli.train_overrides(args)), args
 
 
 def init_distributed(device_choice: str) -> tuple[int, int, torch.device]:

@@ -18,15 +18,30 @@ one chart per comparison and metric (every seed a point, mean ± std beside them
 
 from __future__ import annotations
 
+import argparse
 import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval import parsers
+import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.compare`."""
+    parser = cli.make_parser("python -m eval.compare", __doc__)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment to compare (required)")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    parser.add_argument("--out", default="runs/compare", help="report folder (default: %(default)s)")
+    parser.add_argument("--metrics", nargs="*", default=None,
+                        help="default: every metric of the evaluation runs")
+    parser.add_argument("--baseline", default="random", help="group the others are tested against")
+    return parser
+
 
 if __name__ == "__main__":  # --help and usage errors answer here, before pandas and torch load (seconds)
-    parsers.answer_early(parsers.compare(__doc__))
+    cli.answer_early(build_parser())
 
 import matplotlib
 import pandas as pd
@@ -365,7 +380,7 @@ def write_report(comparisons: list[Comparison], notes: list[str], out: Path, bas
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Command line: read an experiment, write and log the comparison (bad input: a ValueError)."""
-    args = parsers.compare(__doc__).parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     uri = resolve_uri(args.mlflow_uri, "runs")
     comparisons, notes = find_comparisons(fetch_runs(args.experiment, uri))

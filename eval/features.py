@@ -14,8 +14,8 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from cli import POOLS
 from eval import common
-from eval.parsers import POOLS
 from pipelines import DataConfig, LoaderConfig, build_loader
 
 

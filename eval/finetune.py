@@ -13,10 +13,34 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from eval import parsers
+import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.finetune`."""
+    parser = cli.evaluation_parser("eval.finetune", __doc__)
+    for flag, kind, default, text in (
+        ("--epochs", int, 10, "fine-tuning epochs"), ("--warmup-epochs", int, 1, "linear warm-up epochs"),
+        ("--batch-size", int, 128, "images per step"), ("--workers", int, 2, "loader worker processes"),
+        ("--lr", float, 1e-3, "AdamW peak lr"), ("--weight-decay", float, 0.05, "AdamW weight decay"),
+        ("--layer-decay", float, 0.65, "layer-wise lr decay"), ("--drop-path", float, 0.1, "drop-path rate"),
+        ("--smoothing", float, 0.1, "label smoothing"),
+        ("--mixup", float, 0.0, "mixup alpha (MAE: 0.8); 0 = off"),
+        ("--cutmix", float, 0.0, "cutmix alpha (MAE: 1.0); 0 = off"),
+        ("--reprob", float, 0.0, "random erasing probability (MAE: 0.25)"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
+    parser.add_argument("--data", required=True,
+                        help="root with train/<class>/ and val/<class>/ folders (required)")
+    parser.add_argument("--global-pool", choices=("avg", "token"), default="avg",
+                        help="classifier input (default: %(default)s)")
+    parser.add_argument("--aa", default=None,
+                        help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
+    return parser
+
 
 if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
-    parsers.answer_early(parsers.finetune(__doc__))
+    cli.answer_early(build_parser())
 
 import torch
 from timm.data import Mixup, create_transform
@@ -106,11 +130,6 @@ def finetune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         if tracker is not None:
             tracker.log_metrics({"finetune_top1": accuracy, "finetune_loss": loss.item()}, step=epoch)
     return accuracy
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m eval.finetune`."""
-    return parsers.finetune(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

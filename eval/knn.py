@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import argparse
 
-from eval import parsers
+import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.knn`."""
+    parser = cli.evaluation_parser("eval.knn", __doc__)
+    cli.add_data_args(parser)
+    parser.add_argument("--k", type=int, default=20, help="neighbours that vote (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.07,
+                        help="vote weight exp(similarity / T) (default: %(default)s)")
+    cli.add_pool_arg(parser)
+    return parser
+
 
 if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
-    parsers.answer_early(parsers.knn(__doc__))
+    cli.answer_early(build_parser())
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +78,6 @@ def knn_accuracy(
     predicted = knn_predict(train_features, train_labels, test_features, num_classes,
                             k=k, temperature=temperature)
     return (predicted == test_labels).float().mean().item()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m eval.knn`."""
-    return parsers.knn(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import argparse
 
-from eval import parsers
+import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.linear_probe`."""
+    parser = cli.evaluation_parser("eval.linear_probe", __doc__)
+    cli.add_data_args(parser)
+    cli.add_pool_arg(parser)
+    cli.add_head_args(parser, "probe", epochs=30)
+    parser.add_argument("--probe-batch-size", type=int, default=256,
+                        help="probe training batch (default: %(default)s)")
+    return parser
+
 
 if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
-    parsers.answer_early(parsers.linear_probe(__doc__))
+    cli.answer_early(build_parser())
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +80,6 @@ def linear_probe_accuracy(
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     head = train_linear_probe(train_features, train_labels, num_classes, **train_kwargs)
     return probe_accuracy(head, test_features, test_labels)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m eval.linear_probe`."""
-    return parsers.linear_probe(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

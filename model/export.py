@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--checkpoint PATH or --run-id ID, and --out DIR."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.export`: --checkpoint PATH or --run-id ID, and --out DIR."""
     parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -32,17 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder to write model.safetensors and model-card.json")
     parser.add_argument("--mlflow-uri", default=None,
                         help="tracking URI for --run-id (default: MLFLOW_TRACKING_URI, else runs/mlflow.db)")
-    return parser.parse_args(argv)
+    return parser
 
 
-if __name__ == "__main__":  # --help answers here, before torch loads
-    parse_args()
+if __name__ == "__main__":  # --help and usage errors answer here, before torch loads
+    build_parser().parse_args()
 
-# torch loads with these, after the early --help (parse_args above must precede them, hence the noqa)
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-from model.checkpoint import CARD_FILE, ENCODER_KEYS, WEIGHTS_FILE, read_encoder, read_pretrained  # noqa: E402
-from model.presets import DEFAULTS, PRESETS  # noqa: E402
+from model.checkpoint import CARD_FILE, ENCODER_KEYS, WEIGHTS_FILE, read_encoder, read_pretrained
+from model.presets import DEFAULTS, PRESETS
 
 # The timm architecture each preset is (the card's timm_kwargs fix image, patch size and depth).
 TIMM_MODELS = {"demo": "vit_tiny_patch16_224", "vit_tiny": "vit_tiny_patch16_224",
@@ -121,7 +120,7 @@ def export_run(run_id: str, uri: str, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """Command line: --checkpoint PATH or --run-id ID -> --out DIR."""
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.checkpoint:
             out = export_checkpoint(args.checkpoint, args.out)

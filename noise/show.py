@@ -32,14 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and usage errors answer here, before torch and matplotlib load
     build_parser().parse_args()
 
-# The imports below follow the early parse on purpose (hence the noqa).
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from noise.masks import MASK_TYPES, MaskGenerator  # noqa: E402
-from noise.stats import DEFAULT_MASKS, colour_statistics, format_table  # noqa: E402
-from noise.textures import COLOURS, check_colour, radial_power_spectrum  # noqa: E402
+from noise.masks import MASK_TYPES, MaskGenerator
+from noise.stats import DEFAULT_MASKS, colour_statistics, format_table
+from noise.textures import COLOURS, check_colour, radial_power_spectrum
 
 MASKS_PER_COLOUR = 4
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 import cli
+import train
 from configs import load_config, to_dict
 from eval import finetune, knn, linear_probe, segmentation
 
 ROOT = Path(__file__).resolve().parent.parent
-PARSERS = {"train.py": cli.train_parser, "python -m eval.knn": knn.build_parser,
+PARSERS = {"train.py": train.build_parser, "python -m eval.knn": knn.build_parser,
            "python -m eval.linear_probe": linear_probe.build_parser,
            "python -m eval.finetune": finetune.build_parser,
            "python -m eval.segmentation": segmentation.build_parser}
@@ -41,14 +42,13 @@ def test_entry_points_share_flags_and_document_defaults(prog):
 
 
 def test_train_flags_stand_for_config_keys():
-    args = cli.train_parser().parse_intermixed_args(
+    cfg, _ = train.parse_args(
         ["--config", "configs/demo.yaml", "train.epochs=5", "--experiment", "e", "--device", "cpu",
          "--seed", "7", "--mlflow-uri", "http://h:5000", "--loader", "dali"])
-    cfg = load_config(args.config, cli.train_overrides(args))
     assert (cfg.log.experiment, cfg.train.device, cfg.train.seed) == ("e", "cpu", 7)
     assert (cfg.log.mlflow_uri, cfg.data.loader, cfg.train.epochs) == ("http://h:5000", "dali", 5)
     with pytest.raises(SystemExit):
-        cli.train_parser().parse_intermixed_args(["--device", "tpu"])
+        train.build_parser().parse_intermixed_args(["--device", "tpu"])
 
 
 def run_train(*argv: str) -> subprocess.CompletedProcess:
