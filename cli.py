@@ -48,7 +48,9 @@ def evaluation_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of `python -m <module>` with the checkpoint flags every evaluation shares:
     --checkpoint, --model, --mlflow-uri, --experiment, --device, --seed, --pretrain-run-id, --offline-dir."""
     parser = make_parser(f"python -m {module}", doc)
-    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (.pth) (required)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the pretrained encoder: a train.py checkpoint (.pth), a model.export folder, "
+                             "models:/NAME/VERSION or runs:/RUN_ID of --mlflow-uri's store (required)")
     parser.add_argument("--model", default=None, choices=sorted(PRESETS),
                         help="preset the checkpoint must match; checked, not rebuilt (default: no check)")
     add_common_args(parser, uri_default="the pretraining run's store, from the checkpoint config",

@@ -22,8 +22,8 @@ from torch import nn
 
 from configs import flatten
 from configs.fingerprint import digest_of
-from model import load_mae
-from model.checkpoint import read_pretrained
+from model import load_encoder
+from model.pretrained import read_pretrained
 from pipelines import scan
 from tracking import Tracker, resolve_uri
 
@@ -103,11 +103,12 @@ def fit_head(
 
 
 def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
-    """An evaluation's start: its arguments (with `--device auto` resolved) and the checkpoint they name,
-    checked against `--model` when given."""
+    """An evaluation's start: its arguments (with `--device auto` resolved) and the pretrained encoder
+    `--checkpoint` names (a .pth, an export folder, models:/... or runs:/... of `--mlflow-uri`'s store;
+    `model.pretrained.read_pretrained`), checked against `--model` when given."""
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
-    return args, load_checkpoint(args.checkpoint, expect_model=args.model)
+    return args, read_pretrained(args.checkpoint, expect_preset=args.model, tracking_uri=args.mlflow_uri)
 
 
 def resolve_device(name: str) -> str:
@@ -117,19 +118,12 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_checkpoint(path: str | Path, expect_model: str | None = None) -> dict:
-    """A train.py checkpoint (weights only; `model.checkpoint.read_pretrained`) that records its path;
-    with `expect_model`, its size is checked against that preset."""
-    checkpoint = read_pretrained(path, expect_preset=expect_model)
-    checkpoint["path"] = str(Path(path))
-    return checkpoint
-
-
 def build_model(checkpoint: dict, device: str | torch.device) -> nn.Module:
-    """The checkpoint's MAE, frozen, in eval mode on `device`."""
-    mae = load_mae(checkpoint).to(device).eval()
-    mae.requires_grad_(False)
-    return mae
+    """The checkpoint's encoder (timm's VisionTransformer: `forward_features` gives the cls and patch
+    tokens after the final norm, as the MAE's does), frozen, in eval mode on `device`."""
+    encoder = load_encoder(checkpoint).to(device).eval()
+    encoder.requires_grad_(False)
+    return encoder
 
 
 def training_config(checkpoint: dict) -> dict:

@@ -60,8 +60,8 @@ NO_SPREAD = 1e-12  # a standard deviation below this is none (float noise of equ
 FINGERPRINT_TAG = "colormae.fingerprint"
 PARENT_TAG = "mlflow.parentRunId"
 MASK_KEYS = ("mask.schedule", "mask.ratio", "mask.bank")
-EVALUATE_HINT = ("python -m eval.knn --checkpoint {checkpoint} --data data/fashion-mnist   "
-                 "(or eval.linear_probe / eval.segmentation)")
+EVALUATE_HINT = ("python -m eval.knn --checkpoint runs:/{run_id} --data data/fashion-mnist   "
+                 "(or eval.linear_probe / eval.segmentation; --mlflow-uri as given here)")
 
 
 @dataclass
@@ -145,10 +145,8 @@ def find_comparisons(runs: pd.DataFrame) -> tuple[list[Comparison], list[str]]:
         return [], ["The experiment has no runs yet: pretrain first, e.g. `make train` "
                     "(python train.py --config configs/demo.yaml)."]
     if evaluations.empty:
-        root, path = _column(pretrain, "tags.runs_root").iloc[0], _column(pretrain, "tags.checkpoint").iloc[0]
-        checkpoint = str(Path(root) / path) if path else "runs/<run>/checkpoint-last.pth"  # path: in root
-        return [], [f"No evaluation runs yet ({len(pretrain)} pretraining run(s)); evaluate each checkpoint, "
-                    f"e.g.:\n\n    {EVALUATE_HINT.format(checkpoint=checkpoint)}"]
+        return [], [f"No evaluation runs yet ({len(pretrain)} pretraining run(s)); evaluate each one, "
+                    f"e.g.:\n\n    {EVALUATE_HINT.format(run_id=pretrain['run_id'].iloc[0])}"]
     notes = []
     pretrain = pretrain.set_index("run_id").assign(
         fingerprint=_column(pretrain, f"tags.{FINGERPRINT_TAG}").values,

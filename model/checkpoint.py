@@ -29,7 +29,8 @@ from model.presets import DEFAULTS, PRESETS
 
 log = logging.getLogger(__name__)
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-WEIGHTS_FILE = "model.safetensors"  # an exported encoder (model.export): its weights and its card
+WEIGHTS_FILE = "model.safetensors"  # an exported encoder (model.export): timm's files and the card
+CONFIG_FILE = "config.json"
 CARD_FILE = "model-card.json"
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size")  # what makes two encoders the same size
 TIMM_HEAD_KEYS = ("head.", "attn_pool.")  # freshly initialised by timm, never in an MAE checkpoint
@@ -62,21 +63,6 @@ def read_checkpoint(path: str | Path) -> dict:
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"checkpoint {path} has no 'model' entry; found {found}")
     return ckpt
-
-
-def read_pretrained(path: str | Path, expect_preset: str | None = None) -> dict:
-    """A train.py checkpoint to evaluate or export: `read_checkpoint` plus its `model_args`.
-
-    expect_preset: when given, the checkpoint's encoder must be that preset's size (checked, not
-    rebuilt; a ValueError names the sizes that differ).
-    """
-    path = Path(path)
-    checkpoint = read_checkpoint(path)  # a missing or unreadable file: a CheckpointError naming it
-    if "model_args" not in checkpoint:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (needs 'model' and 'model_args' entries)")
-    if expect_preset is not None:
-        check_preset_size(checkpoint["model_args"], expect_preset)
-    return checkpoint
 
 
 def check_preset_size(model_args: dict, preset: str) -> None:
@@ -172,8 +158,9 @@ def read_training_checkpoint(path: Path, model_args: dict[str, Any], *, recover:
 def read_encoder(folder: str | Path) -> tuple[dict, dict[str, Any]]:
     """(encoder state dict, card) of a model.export folder; a clear error when it is not one."""
     folder = Path(folder)
-    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CARD_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not an exported encoder (needs {WEIGHTS_FILE} and {CARD_FILE})")
+    if not all((folder / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)):
+        raise FileNotFoundError(f"{folder} is not an exported encoder (needs {CONFIG_FILE}, {WEIGHTS_FILE} "
+                                f"and {CARD_FILE})")
     return load_file(folder / WEIGHTS_FILE), json.loads((folder / CARD_FILE).read_text())
 
 

@@ -100,10 +100,10 @@ def test_empty_experiment_says_so_without_a_traceback(tmp_path, uri, capsys):
 
 def test_pretraining_runs_only_give_the_command_to_evaluate(tmp_path, uri):
     store = Store(uri, "pretrain-only")
-    store.pretrain("green", 0)
+    run_id = store.pretrain("green", 0)
     report = store.compare(tmp_path)
     assert "No evaluation runs yet (1 pretraining run(s))" in report
-    assert "python -m eval.knn --checkpoint runs/green0/checkpoint-last.pth" in report
+    assert f"python -m eval.knn --checkpoint runs:/{run_id} --data" in report  # eval.* read runs:/ URIs
 
 
 def test_missing_experiment_and_unknown_metric_are_clear_errors(tmp_path, filled):

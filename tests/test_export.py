@@ -1,4 +1,5 @@
-"""model.export: safetensors + model card that timm loads strictly, from a checkpoint or an MLflow run."""
+"""model.export: a timm / Hugging Face folder that timm loads with the training preprocessing, and the
+MLflow pyfunc model around it (the store's side is in test_mlflow_models.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-import tracking
 from model import build_mae, load_encoder
-from model.export import CARD_FILE, WEIGHTS_FILE, export_checkpoint, export_run, main, read_encoder
+from model.checkpoint import CARD_FILE, WEIGHTS_FILE
+from model.export import encoder_name, export, main, save_mlflow_model
+from model.pretrained import read_pretrained
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, eval_crop_fraction
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = {"img_size": 32, "depth": 2, "decoder_depth": 1}
@@ -37,68 +41,57 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """One runs root (one SQLite store, whose set-up takes seconds) for the module."""
-    return tmp_path_factory.mktemp("runs")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    return export(str(checkpoint), tmp_path_factory.mktemp("export") / "demo")
 
 
-def timm_from_export(folder: Path) -> torch.nn.Module:
-    """What a user without this repo does: timm's named architecture, the card's sizes, strict load."""
-    card = json.loads((folder / CARD_FILE).read_text())
-    vit = timm.create_model(card["timm_model"], pretrained=False, **card["timm_kwargs"])
-    vit.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
-    return vit.eval()
-
-
-def same_features(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+def features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.allclose(a.eval()(images), b.eval()(images), atol=1e-6)
+        return model.eval()(images)
 
 
-def test_checkpoint_export_loads_strictly_in_timm_and_through_load_encoder(checkpoint, tmp_path):
-    out = export_checkpoint(checkpoint, tmp_path / "export", final_loss=0.5, fingerprint="f00d")
-    card = json.loads((out / CARD_FILE).read_text())
-    assert card["timm_model"] == "vit_tiny_patch16_224" and card["preset"] == "demo"
-    sizes = (card["image_size"], card["patch_size"], card["epochs"], card["images_seen"])
-    assert sizes == (32, 4, 3, 30 * 16)
-    assert (card["mask_schedule"], card["final_loss"], card["pretraining_run_id"], card["fingerprint"]) == (
-        "green", 0.5, "abc123", "f00d")
-    reference = load_encoder(checkpoint)  # the checkpoint path the repo always had
-    assert same_features(timm_from_export(out), reference)
-    assert same_features(load_encoder(out), reference)  # load_encoder accepts the exported folder
-    assert not any(k.startswith("decoder") for k in load_file(out / WEIGHTS_FILE))
+IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def test_weights_logged_to_mlflow_read_back_and_export_by_run_id(checkpoint, runs, tmp_path):
-    uri = tracking.default_tracking_uri(runs)
-    tracker = tracking.Tracker(uri, "export", offline_dir=tmp_path / "run")
-    folder = export_checkpoint(checkpoint, tmp_path / "logged")
-    model_id = tracker.log_model_folder(folder, "encoder", step=30, tags={"epoch": 3})
-    tracker.close()
-
-    client = tracking.open_client(uri)
-    [model] = client.search_logged_models([tracker.experiment_id])
-    assert model.model_id == model_id and model.source_run_id == tracker.run_id
-    assert [o.model_id for o in client.get_run(tracker.run_id).outputs.model_outputs] == [model_id]
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
-                                                          dst_path=str(tmp_path / "dl"), tracking_uri=uri))
-    assert same_features(timm_from_export(downloaded), load_encoder(checkpoint))
-
-    out = export_run(tracker.run_id, uri, tmp_path / "by-run")
-    assert same_features(timm_from_export(out), load_encoder(checkpoint))
+def test_export_is_a_timm_folder_with_the_training_preprocessing(checkpoint, exported):
+    assert {p.name for p in exported.iterdir()} == {"config.json", WEIGHTS_FILE, CARD_FILE, "README.md"}
+    assert {p.stat().st_mode & 0o777 for p in exported.iterdir()} == {0o644}  # shareable
+    vit = timm.create_model(f"local-dir:{exported}", pretrained=True)  # timm alone, by the folder
+    config = timm.data.resolve_data_config(model=vit)
+    assert config == {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
+                      "std": list(IMAGENET_STD), "crop_pct": eval_crop_fraction(32), "crop_mode": "center"}
+    reference = load_encoder(checkpoint)  # the project's own reader of the training checkpoint
+    assert torch.allclose(features(vit, IMAGES), features(reference, IMAGES), atol=1e-6)
+    mae = build_mae("demo", **ARGS)
+    mae.load_state_dict(torch.load(checkpoint)["model"])
+    with torch.no_grad():  # the cls token after the final norm, as the MAE computes it
+        assert torch.allclose(features(vit, IMAGES), mae.eval().forward_features(IMAGES)[:, 0], atol=1e-5)
+    assert not any(k.startswith("decoder") for k in load_file(exported / WEIGHTS_FILE))
 
 
-def test_run_without_logged_encoder_exports_its_checkpoint_relative_to_the_runs_root(checkpoint, runs,
-                                                                                    tmp_path):
-    (runs / "demo").mkdir(parents=True)
-    (runs / "demo" / "checkpoint-last.pth").write_bytes(checkpoint.read_bytes())
-    uri = tracking.default_tracking_uri(runs)
-    tracker = tracking.Tracker(uri, "fallback", tags={"checkpoint": "demo/checkpoint-last.pth"},
-                               offline_dir=tmp_path / "run")
-    tracker.close("KILLED")
-    state, card = read_encoder(export_run(tracker.run_id, uri, tmp_path / "out"))
-    assert card["epochs"] == 3 and set(state) == set(load_encoder(checkpoint).state_dict())
+def test_the_card_names_the_real_sizes_and_the_training(exported):
+    card = json.loads((exported / CARD_FILE).read_text())
+    config = json.loads((exported / "config.json").read_text())
+    assert card["name"] == config["model_name"] == "vit_w192_d2_patch4_32"
+    assert (card["epochs"], card["images_seen"], card["mask_schedule"], card["pretraining_run_id"]) == (
+        3, 30 * 16, "green", "abc123")
+    assert "# Model card for vit_w192_d2_patch4_32" in (exported / "README.md").read_text()
+    assert encoder_name({"preset": "vit_base", "img_size": 224}) == "vit_base_patch16_224"
+    assert encoder_name({"preset": "vit_base", "img_size": 224, "depth": 2}) == "vit_w768_d2_patch16_224"
+    assert encoder_name({"preset": "demo", "img_size": 32}) == "vit_w192_d6_patch4_32"
+
+
+def test_mlflow_model_predicts_the_encoder_features_and_reads_back(exported, tmp_path):
+    path = save_mlflow_model(exported, tmp_path / "mlflow-model")
+    model = mlflow.pyfunc.load_model(str(path))
+    assert model.metadata.metadata["mean"] == list(IMAGENET_MEAN)
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
+    predicted = model.predict(IMAGES.numpy())
+    vit = timm.create_model(f"local-dir:{exported}", pretrained=True)
+    assert predicted.dtype == np.float32 and np.allclose(predicted, features(vit, IMAGES).numpy(), atol=1e-6)
+    again = read_pretrained(path)  # the evaluations and the export read the MLflow model folder too
+    assert again["epoch"] == 3 and torch.equal(again["model"]["cls_token"], load_file(
+        exported / WEIGHTS_FILE)["cls_token"])
 
 
 def test_export_command_line_errors_are_one_line(tmp_path):
