@@ -40,7 +40,7 @@ gpu-check:
 	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 reproduce: setup
-	$(PY) -m bench.reproduce --quick --json $(RUNS)/bench/reproduce-quick.json
+	$(PY) -m eval.reproduce --quick --out $(RUNS)/reproduce-quick.md --json $(RUNS)/reproduce-quick.json
 
 compare: setup
 	$(PY) -m eval.compare --experiment colormae-demo --out $(RUNS)/compare

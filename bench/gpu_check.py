@@ -19,7 +19,7 @@ recorded and the next one starts. A part whose package is missing is recorded as
 5. train-step: `bench.train_step`, ViT-B/16 MAE, bf16, batch 256, eager and torch.compile, MFU,
    peak memory, host syncs, the public-MAE-style peer step, the largest batch that fits;
 6. e2e-<loader>: `train.py` for 200 steps on the corpus with each loader: images/s and data wait;
-7. reproduce: `bench.reproduce` when the time left allows it (about 10 minutes; raise --total).
+7. reproduce: `eval.reproduce` when the time left allows it (about 10 minutes; raise --total).
 
 Writes runs/gpu-check/gpu-check.json (one row per measurement, each with the GPU, driver, CUDA and
 package versions), gpu-check.md (the summary, with the issue's targets) and logs/<part>.log.
@@ -241,7 +241,7 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
     tiny = ["--quick", "--masks", "random", "--seeds", "0", "--train-images", "64", "--test-images", "32",
             "--batch-size", "32", "--seg-train", "16", "--seg-test", "8", "--probe-epochs", "1"]
     parts.append(Part("reproduce", 120 if args.smoke else REPRODUCE_S,
-                      [py, "-m", "bench.reproduce", "--device", s.device,
+                      [py, "-m", "eval.reproduce", "--device", s.device,
                        *(tiny if args.smoke else ["--budget", "gpu"]), "--out", str(out / "reproduce.md"),
                        "--json", str(out / "reproduce.json")],
                       read_json_rows, skip=reproduce_skip))

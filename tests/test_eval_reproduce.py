@@ -1,4 +1,5 @@
-"""bench/reproduce.py: the on-device augmentation (run here on the CPU) and a tiny end-to-end budget."""
+"""eval/reproduce.py: the on-device augmentation (run here on the CPU), the controlled pretraining through
+train.py's step, and a tiny end-to-end budget."""
 
 import json
 from pathlib import Path
@@ -7,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import reproduce
-from eval import seg_data
+from eval import reproduce, seg_data
 from model import build_mae
+from noise import MASK_TYPES
 
 
 def test_full_crop_without_flip_is_a_plain_resize():
@@ -41,7 +42,7 @@ def record_pretraining(monkeypatch, mask: str, seed: int, data: dict, args) -> d
     seen = {"images": [], "masks": []}
 
     def spy_build(*args, **kwargs):
-        mae = build_mae(*args, **kwargs, **TINY)  # a small model: the test is about what it is fed
+        mae = build_mae(*args, **{**kwargs, **TINY})  # a small model: the test is about what it is fed
         seen["initial"] = {name: tensor.clone() for name, tensor in mae.state_dict().items()}
         forward = mae.forward
 
@@ -77,33 +78,39 @@ def test_one_seed_is_a_controlled_experiment_only_the_mask_differs(monkeypatch):
 
 def test_budgets_and_the_gpu_budget_table_size():
     gpu = reproduce.parse_args(["--budget", "gpu"])
-    assert (len(gpu.masks), len(gpu.seeds)) == (5, 3) and gpu.train_images == 60000
+    assert (gpu.masks, len(gpu.seeds)) == (list(MASK_TYPES), 3) and gpu.train_images == 60000
     assert reproduce.parse_args(["--quick"]).budget == "quick"
     assert reproduce.parse_args([]).budget == "full"
-    with pytest.raises(SystemExit):
-        reproduce.parse_args(["--quick", "--budget", "gpu"])
+    assert reproduce.parse_args(["--model-args", "embed_dim=48, depth=2"]).model_args == {"embed_dim": 48,
+                                                                                           "depth": 2}
+    for wrong in (["--quick", "--budget", "gpu"], ["--masks", "random,pink"], ["--model-args", "depth"]):
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.parse_args(wrong)
+        assert exit_info.value.code == 2, wrong
 
 
 @pytest.mark.skipif(not list(Path(seg_data.FASHION_MNIST_DIR).glob("*idx3-ubyte*")),
                     reason="Debian package dataset-fashion-mnist is not installed")
 def test_tiny_budget_writes_report_and_json(tmp_path):
     budget = ["--train-images", "128", "--test-images", "64", "--batch-size", "32", "--seg-train", "16",
-              "--seg-test", "8", "--probe-epochs", "1"]
+              "--seg-test", "8", "--probe-epochs", "1", "--finetune-images", "32", "--finetune-epochs", "1",
+              "--model-args", "embed_dim=48,depth=1,decoder_embed_dim=32,decoder_depth=1"]
     result = reproduce.main(["--quick", "--masks", "random,green", "--seeds", "0", *budget, "--device", "cpu",
                              "--out", str(tmp_path / "results.md"), "--json", str(tmp_path / "runs.json")])
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
-    assert [(r["mask"], r["seed"]) for r in runs] == [("random", 0), ("green", 0)]
+    assert [(r["mask"], r["seed"]) for r in runs] == [("untrained", 0), ("random", 0), ("green", 0)]
     for run in runs:
-        assert {"knn", "linear", "miou", "pretrain_seconds"} <= set(run)
-        assert 0 <= run["miou"] <= 1 and 0 < run["knn"] <= 1 and run["pretrain_seconds"] > 0
+        assert 0 <= run["miou"] <= 1 and 0 < run["knn"] <= 1 and 0 <= run["finetune"] <= 1
+        assert (run["pretrain_seconds"] > 0) == (run["mask"] != "untrained")
     report = (tmp_path / "results.md").read_text()
-    assert "| random |" in report and "| green |" in report and "raw pixels" in report
-    assert "| untrained encoder, seed 0 (baseline) |" in report
-    assert 0 < result["untrained_encoder"]["knn"] <= 1
-    assert "-m bench.reproduce --quick" in report and "Hardware: CPU" in report
+    assert "| random |" in report and "| green |" in report and "| untrained |" in report
+    assert "raw pixels" in report and "A wiring check, not a result" in report
+    link = report.split("calibrated table is [docs/results.md](")[1].split(")")[0]
+    assert (tmp_path / link).resolve() == reproduce.report.CALIBRATED_PAGE  # the quick page links the table
+    assert "-m eval.reproduce --quick" in report and "Hardware: CPU" in report
     assert result["raw_pixels"]["knn"] > 0.3  # Fashion-MNIST pixels alone are far above chance
     assert len({run["fingerprint"] for run in runs}) == 1
     assert f"Fingerprint {runs[0]['fingerprint']}" in report and "![knn](results-charts/knn.png)" in report
     assert "cannot tell: needs two seeds with both masks" in report  # one seed: no test possible
     assert "estimated_seconds" in result and {p.name for p in (tmp_path / "results-charts").iterdir()} == {
-        "knn.png", "linear.png", "miou.png"}
+        "knn.png", "linear.png", "miou.png", "finetune.png"}
