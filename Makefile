@@ -3,20 +3,27 @@ PY := .venv/bin/python
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup train test lint masks bench bench-masks bench-loaders bench-train gpu-check reproduce compare clean
+.PHONY: setup setup-gpu setup-test train test lint masks bench bench-masks bench-loaders bench-train gpu-check reproduce compare clean
 
+# Each command installs what it needs (scripts/setup.sh names the Debian packages when not root).
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh train
+
+setup-gpu:  # + DALI, CuPy and FFCV
+	@bash scripts/setup.sh gpu
+
+setup-test:  # + the test tools, PostgreSQL, Docker, debootstrap, Chromium
+	@bash scripts/setup.sh test
 
 train: setup
 	$(PY) -m pipelines.prepare fashion-mnist --out $(DATA)/fashion-mnist
 	$(PY) train.py --config configs/demo.yaml
 
-test: setup lint
+test: setup-test lint
 	@# a bound on the whole suite (~17 min on 2 cores with a warm Docker cache), in case a process hangs
 	timeout --kill-after=30 3600 $(PY) -m pytest -q
 
-lint: setup
+lint: setup-test
 	.venv/bin/ruff check .
 
 masks: setup

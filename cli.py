@@ -10,7 +10,12 @@ enumerations are `choices`.
 from __future__ import annotations
 
 import argparse
+import runpy
+import shlex
+import shutil
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from configs.config import DEVICES  # the config sections' own lists (they import no torch)
 from model.presets import PRESETS
@@ -85,3 +90,37 @@ def add_head_args(parser: argparse.ArgumentParser, head: str, epochs: int) -> No
     parser.add_argument("--epochs", type=int, default=epochs,
                         help=f"{head} training epochs (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-2, help=f"{head} AdamW peak lr (default: %(default)s)")
+
+
+# Console commands ([project.scripts] in pyproject.toml) -> the module each runs as `python -m`.
+COMMANDS = {"colormae-train": "train", "colormae-knn": "eval.knn",
+            "colormae-linear-probe": "eval.linear_probe",
+            "colormae-segmentation": "eval.segmentation", "colormae-finetune": "eval.finetune",
+            "colormae-compare": "eval.compare", "colormae-export": "model.export",
+            "colormae-prepare": "pipelines.prepare", "colormae-tracking": "tracking"}
+
+
+def _as_main(module: str) -> Callable[[], None]:
+    """A console command's function: `module` runs exactly as `python -m module` (early --help included)."""
+    def run() -> None:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    run.__doc__ = f"Run `python -m {module}` with this command's arguments."
+    return run
+
+
+train, knn, linear_probe, segmentation, finetune, compare, export, prepare, tracking = (
+    _as_main(module) for module in COMMANDS.values())
+
+
+def command(name: str, *args: str) -> str:
+    """The console command `name` with `args`, as a hint the user can paste in any folder: by name when
+    PATH finds this environment's script, else by its full path, else `<this python> -m <module>`."""
+    script = Path(sys.executable).parent / name  # the environment's bin/ (sys.executable is not resolved)
+    found = shutil.which(name)
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        head = [name]
+    elif script.exists():
+        head = [str(script)]
+    else:
+        head = [sys.executable, "-m", COMMANDS[name]]
+    return shlex.join([*head, *args])

@@ -5,13 +5,13 @@ folders (no server needed); `uri` may name a tracking server instead. When the s
 reached, at the start or in the middle of a run, the tracker warns once, keeps every later call
 as JSON lines in `offline_dir` (artifacts copied there too) and says how to replay them:
 
-    python tracking.py sync runs/demo --mlflow-uri http://127.0.0.1:5000
+    colormae-tracking sync runs/demo --mlflow-uri http://127.0.0.1:5000   # or: python tracking.py sync ...
 
 A SQLite store keeps its artifacts in mlartifacts/ beside mlflow.db. MLflow records them by
 absolute path, so whenever this module opens such a store it first re-anchors the paths at the
 database's own folder (`relocate`): runs/ can be moved or copied. To browse one:
 
-    python tracking.py ui runs          # relocate, then `mlflow ui` on runs/mlflow.db
+    colormae-tracking ui runs           # relocate, then `mlflow ui` on runs/mlflow.db
 
 mlflow itself is imported only when a tracker is enabled (`log.mlflow=false` never loads it).
 """
@@ -105,7 +105,9 @@ def ui_command(uri: str) -> str:
     if uri.startswith("http"):
         return f"open {uri} in a browser"
     if uri.startswith("sqlite:///"):
-        return f"python tracking.py ui {Path(uri.removeprefix('sqlite:///')).parent}"
+        import cli  # here: cli imports configs, which imports this module
+
+        return cli.command("colormae-tracking", "ui", str(Path(uri.removeprefix("sqlite:///")).parent))
     return f"mlflow ui --backend-store-uri {uri}"
 
 
@@ -364,7 +366,10 @@ class Tracker:
 
     def sync_command(self) -> str:
         """The command that replays the offline records into the tracking store."""
-        return f"python tracking.py sync {self.offline_dir} --mlflow-uri {self.uri}"
+        import cli  # here: cli imports configs, which imports this module
+
+        return cli.command("colormae-tracking", "sync", str(Path(self.offline_dir).resolve()), "--mlflow-uri",
+                           self.uri)
 
     # -- internals ----------------------------------------------------------------------------
     def _start_system_metrics(self, resumed: bool) -> None:
@@ -480,7 +485,7 @@ def sync(offline_dir: str | Path, uri: str | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """`sync` offline records into a store; `ui`: relocate a runs folder's store and serve it."""
-    parser = argparse.ArgumentParser(prog="python tracking.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="colormae-tracking", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_sync = sub.add_parser("sync", help="replay offline MLflow records into a tracking store")

@@ -89,6 +89,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import cuda_check
 import run_lock
 import tracking
 from configs.config import TrainConfig
@@ -108,6 +109,7 @@ class NonFiniteLoss(RuntimeError):
 def init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     """torchrun's env:// rendezvous if WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU) -> (rank, world, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda_check.check_driver(torch.version.cuda)  # a driver too old for the wheels hides every GPU
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:

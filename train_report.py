@@ -28,6 +28,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+import cuda_check
 import tracking
 from configs import Config, dump_config, flatten, to_dict
 from model import MaskedAutoencoderViT
@@ -92,7 +93,8 @@ class Report:
             self.log_mask_figure()
         log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d ranks), lr %.2e, "
                  "%s on %s", run.folder, t.epochs, run.steps_per_epoch, t.batch_size, run.micro_batch,
-                 t.accum_steps, run.world, cfg.lr, run.dtype or "fp32", run.device)
+                 t.accum_steps, run.world, cfg.lr, run.dtype or "fp32",
+                 cuda_check.device_summary(t.device, run.device))
 
     def keep_sample(self, batches: Iterator[dict]) -> Iterator[dict]:
         """`batches`, unchanged; the first 8 images of this process's first batch are kept for the

@@ -39,6 +39,7 @@ from tracking import LogConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+SHIPPED = Path(__file__).parent  # the demo and the paper recipes (package data of the wheel too)
 
 
 class ConfigError(UserError):
@@ -203,11 +204,20 @@ def _to_config(merged: DictConfig, name: str) -> Config:
     return cfg
 
 
+def find_config(path: str | Path) -> Path:
+    """`path`, else the config of that name shipped in this package (`configs/demo.yaml` or `demo.yaml`
+    from any folder, and from an installed wheel)."""
+    path, shipped = Path(path), SHIPPED / Path(path).name
+    if not path.exists() and path.parent.name in ("", "configs") and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file (with its bases), then each `key=value` override in order."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        merged = _merge_file(merged, Path(path))
+        merged = _merge_file(merged, find_config(path))
     for text in overrides:
         merged = _override(merged, text)
     return _to_config(merged, "default" if path is None else Path(path).stem)

@@ -50,6 +50,7 @@ from scipy import stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+import cli
 from configs.fingerprint import DATA_SIGNATURE, STEPS_PER_EPOCH, is_fingerprinted
 from errors import run_cli
 from eval.common import EVALUATION_TAG, SUMMARY_TAG
@@ -60,8 +61,7 @@ NO_SPREAD = 1e-12  # a standard deviation below this is none (float noise of equ
 FINGERPRINT_TAG = "colormae.fingerprint"
 PARENT_TAG = "mlflow.parentRunId"
 MASK_KEYS = ("mask.schedule", "mask.ratio", "mask.bank")
-EVALUATE_HINT = ("python -m eval.knn --checkpoint runs:/{run_id} --data data/fashion-mnist   "
-                 "(or eval.linear_probe / eval.segmentation; --mlflow-uri as given here)")
+EVALUATE_HINT = "{command}   (or colormae-linear-probe / colormae-segmentation; --mlflow-uri as given here)"
 
 
 @dataclass
@@ -143,10 +143,13 @@ def find_comparisons(runs: pd.DataFrame) -> tuple[list[Comparison], list[str]]:
     evaluations, pretrain = runs[parent != ""], runs[parent == ""]
     if runs.empty:
         return [], ["The experiment has no runs yet: pretrain first, e.g. `make train` "
-                    "(python train.py --config configs/demo.yaml)."]
+                    f"({cli.command('colormae-train', '--config', 'configs/demo.yaml')})."]
     if evaluations.empty:
+        data = Path(_column(pretrain, "params.data.path").iloc[0] or "data/fashion-mnist/train").parent
+        data = data.resolve() if data.is_dir() else data  # the pretraining split's root, from any folder
+        knn = cli.command("colormae-knn", "--checkpoint", f"runs:/{pretrain['run_id'].iloc[0]}", "--data", str(data))
         return [], [f"No evaluation runs yet ({len(pretrain)} pretraining run(s)); evaluate each one, "
-                    f"e.g.:\n\n    {EVALUATE_HINT.format(run_id=pretrain['run_id'].iloc[0])}"]
+                    f"e.g.:\n\n    {EVALUATE_HINT.format(command=knn)}"]
     notes = []
     pretrain = pretrain.set_index("run_id").assign(
         fingerprint=_column(pretrain, f"tags.{FINGERPRINT_TAG}").values,

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from noise.config import MaskConfig
 
 
+def default_workers() -> int:
+    """Loader workers (DALI threads) per rank: the CPUs this process may use (its affinity, which a
+    cluster's scheduler sets), shared by the node's ranks (LOCAL_WORLD_SIZE, set by torchrun); >= 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
+
+
 def _shared_problems(loader: str, workers: int | None) -> list[str]:
     """The checks of the fields the data section and LoaderConfig share (named without a section)."""
     problems = []
@@ -38,7 +45,7 @@ class DataConfig:
     path: str = "data/imagenet/train"  # class-folder root of the training split
     ffcv_path: str | None = None  # .beton for the ffcv loader (built from `path` when None)
     img_size: int = 224
-    workers: int | None = None  # loader workers per rank; None = CPU count
+    workers: int | None = None  # loader workers per rank; None = usable CPUs / ranks on the node
 
     @property
     def beton(self) -> str | None:
@@ -69,7 +76,7 @@ class LoaderConfig:
     img_size: int = 224
     patch_size: int = 16
     batch_size: int = 64  # per rank
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=default_workers)
     train: bool = True  # RandomResizedCrop(0.2-1) + flip, else resize + centre crop
     mask: str | None = "green"  # mask schedule; None = no mask stage
     mask_ratio: float = 0.75

@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
-# Idempotent set-up: system packages (when root), then the pinned .venv.
-# Re-running costs seconds once the stamp matches the requirement files and pyproject.toml.
+# Idempotent set-up of what one command needs: Debian packages (installed when root, else named),
+# then the pinned .venv and the project itself (editable).
+#
+#   scripts/setup.sh [train]   make train: requirements.txt, the demo data (dataset-fashion-mnist)
+#   scripts/setup.sh gpu       + requirements-loaders.txt: DALI, CuPy and FFCV (compiled: libturbojpeg,
+#                              OpenCV and pkg-config headers)
+#   scripts/setup.sh test      make test: + the test tools and what the tests start: PostgreSQL, a
+#                              Docker engine with compose, debootstrap, Chromium
+#
+# A later level includes the earlier ones. Re-running costs a second once the stamp matches the
+# level and the requirement files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# postgresql: the MLflow-on-PostgreSQL tests (docker/ issue) start a throw-away cluster.
-APT_PACKAGES=(libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist postgresql)
-# The tests that build and run the images (tests/test_docker_images.py): Debian's Docker engine
-# (unless one is installed already), its compose and debootstrap for the local base image.
-command -v dockerd >/dev/null || APT_PACKAGES+=(docker.io)
-APT_PACKAGES+=(docker-compose debootstrap)
+level="${1:-train}"
+case "$level" in
+  train) rank=1 requirements=requirements.txt ;;
+  gpu) rank=2 requirements=requirements-loaders.txt ;;
+  test) rank=3 requirements=requirements-dev.txt ;;
+  *) echo "setup: unknown level '$level': expected train, gpu or test" >&2; exit 2 ;;
+esac
+
+apt_packages=(dataset-fashion-mnist)  # the demo's data, as Debian ships it
+python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
+if [ "$rank" -ge 2 ]; then
+  apt_packages+=(libturbojpeg0-dev libopencv-dev pkg-config)  # ffcv compiles against them
+fi
+if [ "$rank" -ge 3 ]; then
+  # the MLflow-on-PostgreSQL tests, the image tests (Debian's engine unless one is installed, its
+  # compose, debootstrap for the local base image) and the UI screenshots (headless Chromium)
+  apt_packages+=(postgresql docker-compose debootstrap chromium)
+  command -v dockerd >/dev/null || apt_packages+=(docker.io)
+fi
+
 VENV=.venv
 STAMP="$VENV/.setup-stamp"
-WANT="$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
-
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+hash="$(cat requirements*.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && read -r done_rank done_hash < "$STAMP" \
+    && [ "$done_hash" = "$hash" ] && [ "$done_rank" -ge "$rank" ]; then
   exit 0
 fi
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "setup: installing system packages: ${missing[*]}"
+if command -v dpkg >/dev/null; then
+  missing=()
+  for pkg in "${apt_packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "setup: missing system packages: ${missing[*]}" >&2
-    echo "setup: run as root: apt-get install -y ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  elif [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: missing Debian packages: ${missing[*]}" >&2
+    echo "setup: install them, then run this again:  sudo apt-get install -y ${missing[*]}" >&2
     exit 1
   fi
+else
+  echo "setup: not a Debian system; this needs the equivalents of: ${apt_packages[*]}" >&2
 fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -40,10 +65,13 @@ pip_install() {
   "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 pip_install --upgrade pip
-# ffcv's build needs numpy, Cython and pkgconfig present; build it without isolation.
-pip_install numpy==2.4.6 cython pkgconfig setuptools wheel
-pip_install --no-build-isolation -r requirements-dev.txt
-# The project itself, editable: its packages and modules import from anywhere, no sys.path edits.
+if [ "$rank" -ge 2 ]; then
+  # ffcv's build needs numpy, Cython and pkgconfig present; it is built without isolation.
+  pip_install "$(grep '^numpy==' requirements.txt)" cython pkgconfig setuptools wheel
+fi
+pip_install --no-build-isolation -r "$requirements"
+# The project itself, editable: its packages, modules and console commands (colormae-*) work from
+# any folder, no sys.path edits.
 pip_install --no-deps --no-build-isolation -e .
-echo "$WANT" > "$STAMP"
-echo "setup: .venv ready"
+echo "$rank $hash" > "$STAMP"
+echo "setup: .venv ready ($level)"

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+import cli
 from configs import load_config
 from configs.fingerprint import fingerprint
 from eval import compare
@@ -103,7 +104,7 @@ def test_pretraining_runs_only_give_the_command_to_evaluate(tmp_path, uri):
     run_id = store.pretrain("green", 0)
     report = store.compare(tmp_path)
     assert "No evaluation runs yet (1 pretraining run(s))" in report
-    assert f"python -m eval.knn --checkpoint runs:/{run_id} --data" in report  # eval.* read runs:/ URIs
+    assert f"{cli.command('colormae-knn')} --checkpoint runs:/{run_id} --data" in report  # eval.* read runs:/
 
 
 def test_missing_experiment_and_unknown_metric_are_clear_errors(tmp_path, filled):

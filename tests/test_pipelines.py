@@ -343,3 +343,21 @@ def test_concurrent_scans_validate_each_file_once(tmp_path, monkeypatch):
         thread.join()
     assert len(checked) == 12 and len(set(checked)) == 12
     assert all(len(result) == 12 and result.files == results[0].files for result in results)
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 7, 96])
+@pytest.mark.parametrize("local_ranks", [None, "1", "3", "8", "16"])
+def test_workers_default_shares_the_usable_cpus_among_the_ranks_of_the_node(monkeypatch, cpus, local_ranks):
+    from pipelines.config import DataConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(100, 100 + cpus)))  # not 0..n-1
+    monkeypatch.setattr("os.cpu_count", lambda: 4 * cpus)  # the machine's count ignores the affinity
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    ranks = int(local_ranks or 1)
+    workers = LoaderConfig.from_sections(DataConfig()).workers
+    assert workers >= 1 and (workers * ranks <= cpus or workers == 1)
+    assert workers == max(1, cpus // ranks)  # all usable CPUs busy when they split evenly
+    assert LoaderConfig.from_sections(DataConfig(workers=3)).workers == 3  # an explicit value wins

@@ -15,6 +15,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+import cli
 import tracking
 
 
@@ -93,7 +94,8 @@ def test_unreachable_server_keeps_everything_offline_then_syncs(store, tmp_path,
     assert time.monotonic() - start < 60, "a dead server must not stall training for minutes"
     assert tracker.offline and tracker.run_id is None
     assert caplog.text.count("is unreachable") == 1  # warned once, not per call
-    assert f"python tracking.py sync {tmp_path} --mlflow-uri {dead}" in caplog.text
+    hint = cli.command("colormae-tracking", "sync", str(tmp_path.resolve()), "--mlflow-uri", dead)
+    assert hint in caplog.text
     records = [json.loads(line) for line in (tmp_path / tracking.OFFLINE_FILE).read_text().splitlines()]
     assert [r["op"] for r in records] == ["start", "params", "dataset", *["metrics"] * 5, "artifact", "end"]
 
@@ -121,7 +123,7 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 
 def test_uri_choice_and_ui_command(tmp_path, monkeypatch):
     uri = tracking.default_tracking_uri(tmp_path)
-    assert tracking.ui_command(uri) == f"python tracking.py ui {tmp_path.resolve()}"
+    assert tracking.ui_command(uri) == cli.command("colormae-tracking", "ui", str(tmp_path.resolve()))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.resolve_uri(None, tmp_path) == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")

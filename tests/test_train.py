@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import cli
 import noise.stats
 import tracking
 import train
@@ -398,7 +399,7 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
         log = proc.communicate()[1]
         assert proc.returncode == 0, log
         assert log.count("is unreachable") == 1, log
-        assert f"python tracking.py sync {tmp_path / 'demo'}" in log
+        assert cli.command("colormae-tracking", "sync", str((tmp_path / "demo").resolve())) in log
         server = start_server(store, port)
         sync = subprocess.run([sys.executable, "tracking.py", "sync", str(tmp_path / "demo")], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)

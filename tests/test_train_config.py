@@ -38,6 +38,7 @@ def test_paper_recipes_share_one_base_and_scale_the_lr():
         assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.batch_size) == (epochs, 40, 4096)
         assert cfg.train.betas == [0.9, 0.95] and cfg.train.weight_decay == 0.05
         assert cfg.lr == pytest.approx(2.4e-3)  # 1.5e-4 x 4096 / 256
+        assert cfg.train.device == "cuda"  # a GPU recipe: never a silent CPU run
 
 
 def test_paper_recipe_validates_for_eight_gpus_given_its_data(data_dir):
