@@ -11,6 +11,8 @@ import importlib
 from collections.abc import Iterator
 from typing import Protocol
 
+from errors import UserError
+
 from .backends import BACKENDS, LOADERS
 from .config import DataConfig, LoaderConfig
 from .manifest import Manifest, scan
@@ -32,5 +34,13 @@ class Loader(Protocol):
 def build_loader(cfg: LoaderConfig) -> Loader:
     """Validate `cfg` and build the chosen backend (which scans the data folder: cached manifest)."""
     cfg.check()
-    module, name = BACKENDS[cfg.loader].target.split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), name)(cfg)
+    backend = BACKENDS[cfg.loader]
+    module, name = backend.target.split(":")
+    try:
+        found = importlib.import_module(f".{module}", __name__)
+    except ModuleNotFoundError as err:  # an optional package that `make train`'s set-up leaves out
+        if (err.name or "").split(".")[0] not in {package.split(".")[0] for package in backend.packages}:
+            raise
+        raise UserError(f"data.loader {cfg.loader} needs the package {err.name}, which is not installed: "
+                        f"make setup-gpu (or pip install 'colormae[{cfg.loader}]')") from err
+    return getattr(found, name)(cfg)

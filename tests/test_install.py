@@ -165,3 +165,16 @@ def test_printed_hints_run_as_printed_from_another_folder(installed, tmp_path, o
         assert result.returncode == 0, f"{hint}: {result.stderr}"
     ui, sync = (shlex.split(hint) for hint in hints.splitlines()[:2])
     assert ui[2] == str(runs.resolve()) and Path(sync[2]).is_absolute()  # folders hold from anywhere
+
+
+def test_a_loader_left_out_of_the_install_is_named_with_its_set_up(monkeypatch):
+    from errors import UserError
+    from pipelines import LoaderConfig, build_loader
+
+    for module in ("ffcv", "nvidia.dali"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    for loader in ("ffcv", "dali"):
+        monkeypatch.delitem(sys.modules, f"pipelines.{loader}_loader", raising=False)
+        with pytest.raises(UserError, match=rf"data.loader {loader} needs the package .*: make setup-gpu "
+                                            rf"\(or pip install 'colormae\[{loader}\]'\)"):
+            build_loader(LoaderConfig(loader=loader, data="unused", workers=0))
