@@ -50,7 +50,6 @@ from scipy import stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-import cli
 from configs.fingerprint import DATA_SIGNATURE, STEPS_PER_EPOCH, is_fingerprinted
 from errors import run_cli
 from eval.common import EVALUATION_TAG, SUMMARY_TAG
@@ -147,7 +146,8 @@ def find_comparisons(runs: pd.DataFrame) -> tuple[list[Comparison], list[str]]:
     if evaluations.empty:
         data = Path(_column(pretrain, "params.data.path").iloc[0] or "data/fashion-mnist/train").parent
         data = data.resolve() if data.is_dir() else data  # the pretraining split's root, from any folder
-        knn = cli.command("colormae-knn", "--checkpoint", f"runs:/{pretrain['run_id'].iloc[0]}", "--data", str(data))
+        run_uri = f"runs:/{pretrain['run_id'].iloc[0]}"
+        knn = cli.command("colormae-knn", "--checkpoint", run_uri, "--data", str(data))
         return [], [f"No evaluation runs yet ({len(pretrain)} pretraining run(s)); evaluate each one, "
                     f"e.g.:\n\n    {EVALUATE_HINT.format(command=knn)}"]
     notes = []
