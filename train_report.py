@@ -33,7 +33,6 @@ import tracking
 from configs import Config, dump_config, flatten, to_dict
 from model import MaskedAutoencoderViT
 from model.export import model_card, write_encoder
-from noise import parse_schedule
 from pipelines import Loader
 
 log = logging.getLogger("train")
@@ -184,7 +183,7 @@ class Report:
 
         run, mask = self.run, self.run.cfg.mask
         figure = run.folder / "masks.png"
-        colours = sorted({colour for _, colour in parse_schedule(mask.schedule)})
+        colours = sorted({colour for _, colour in run.loader.masks.generator.schedule})  # parsed there
         grid = run.cfg.data.img_size // run.model.patch_size
         render(figure, colours, grid=grid, ratio=mask.ratio, bank_path=mask.bank)
         run.tracker.log_artifact(figure, "figures")

@@ -204,7 +204,7 @@ def main() -> None:
         for mask in (False, True):
             loaders[name, mask] = warm_loader(build_loader(LoaderConfig(
                 loader=name, data=str(data), img_size=args.img_size, batch_size=args.batch_size,
-                workers=args.workers, train=True, mask="green" if mask else None, device=args.device,
+                workers=args.workers, train=True, schedule="green" if mask else None, device=args.device,
             )))  # fmt: skip
 
     # Rounds interleave every measurement, so load from other processes hits all of them alike.

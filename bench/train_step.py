@@ -101,7 +101,7 @@ def loader_batches(args: dict, batch: int, device: torch.device, data: Path, wor
 
     cfg = LoaderConfig(loader="torch", data=str(data), img_size=args["img_size"],
                        patch_size=args["patch_size"], batch_size=batch, workers=workers,
-                       mask="green", device=str(device))
+                       schedule="green", device=str(device))
     loader = build_loader(cfg)
     epoch = 0
     while True:

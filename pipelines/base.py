@@ -83,8 +83,8 @@ class MaskStage:
 
         self.device = torch.device(cfg.device)
         self.batch_size = cfg.batch_size
-        self._generator = MaskGenerator(
-            cfg.mask,
+        self.generator = MaskGenerator(
+            schedule=cfg.schedule,
             grid=cfg.img_size // cfg.patch_size,
             mask_ratio=cfg.mask_ratio,
             seed=cfg.seed,
@@ -97,7 +97,7 @@ class MaskStage:
     def raw(self, epoch: int, index: int, rows: int | None = None):
         """Bool (rows, G*G) masks as the generator's array type (numpy on CPU, CuPy on CUDA)."""
         start = time.perf_counter()
-        mask = self._generator(self.batch_size, epoch=epoch, index=index)[:rows]
+        mask = self.generator(self.batch_size, epoch=epoch, index=index)[:rows]
         self.seconds += time.perf_counter() - start
         return mask
 
@@ -130,7 +130,7 @@ class BaseLoader:
         self.num_skipped: int = manifest.num_skipped if manifest else 0
         self.data_signature: str = manifest.signature() if manifest else ""  # part of a run's fingerprint
         self.num_images: int = len(manifest) if manifest else 0  # samples per epoch, all ranks together
-        self.masks = MaskStage(cfg) if cfg.mask else None
+        self.masks = MaskStage(cfg) if cfg.schedule else None
         self.epoch = 0
         self._consumed = 0
         self._resume_at = 0

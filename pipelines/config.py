@@ -78,7 +78,7 @@ class LoaderConfig:
     batch_size: int = 64  # per rank
     workers: int = field(default_factory=default_workers)
     train: bool = True  # RandomResizedCrop(0.2-1) + flip, else resize + centre crop
-    mask: str | None = "green"  # mask schedule; None = no mask stage
+    schedule: str | None = "green"  # the mask schedule (mask.schedule); None = no mask stage
     mask_ratio: float = 0.75
     mask_bank: str | None = None  # the authors' npz pattern file
     seed: int = 0
@@ -91,8 +91,8 @@ class LoaderConfig:
     def from_sections(cls, data: DataConfig, mask: MaskConfig | None = None, **runtime) -> LoaderConfig:
         """One rank's loader config from the data (and mask) sections; `runtime`: the remaining fields
         (patch_size, batch_size, seed, rank, world_size, device, train...). No mask: no mask stage."""
-        masking = {"mask": None} if mask is None else {
-            "mask": mask.schedule, "mask_ratio": mask.ratio, "mask_bank": mask.bank}
+        masking = {"schedule": None} if mask is None else {
+            "schedule": mask.schedule, "mask_ratio": mask.ratio, "mask_bank": mask.bank}
         workers = {} if data.workers is None else {"workers": data.workers}
         return cls(loader=data.loader, data=data.path, ffcv_path=data.ffcv_path, img_size=data.img_size,
                    **workers, **masking, **runtime)
@@ -119,7 +119,7 @@ class LoaderConfig:
                             f"{' or '.join(BACKENDS[self.loader].devices)} only")
         elif device.type == "cuda" and not torch.cuda.is_available():
             problems.append(f"device={self.device!r} but no CUDA device is available; use device='cpu'")
-        if self.mask:
+        if self.schedule:
             try:
                 check_ratio(self.mask_ratio)
             except ValueError as err:

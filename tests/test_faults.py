@@ -139,7 +139,7 @@ def module_cache(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
 def test_items1to3_every_backend_reads_the_faulty_folder(faulty, module_cache, backend, train_mode):
     loader = build_loader(LoaderConfig(loader=backend, data=str(faulty), img_size=32, patch_size=8,
-                                       batch_size=4, workers=1, train=train_mode, mask="green"))
+                                       batch_size=4, workers=1, train=train_mode, schedule="green"))
     labels = torch.cat([batch["labels"] for batch in loader])
     assert loader.num_skipped == len(SKIPPED) and loader.classes == ["a", "b"]
     assert len(labels) == (16 if train_mode else 17)  # 17 good images; training drops the last partial batch
@@ -378,7 +378,7 @@ def test_item11_scan_and_ffcv_write_nothing_into_the_data_folder(tmp_path, cache
     manifest = scan(data)
     with caplog.at_level(logging.WARNING):
         build_loader(LoaderConfig(loader="ffcv", data=str(data), img_size=32, patch_size=8, batch_size=4,
-                                  workers=1, train=False, mask=None))
+                                  workers=1, train=False, schedule=None))
     assert tree(data) == before
     assert len(ImageFolder(str(data))) == 8  # other tools still read the folder
     assert manifest.cache_dir.parent == cache / "data" and manifest.cache_dir.name.startswith("data-")

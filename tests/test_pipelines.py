@@ -60,7 +60,7 @@ def folder(tmp_path_factory) -> Path:
 
 def _config(folder: Path, loader: str, **overrides) -> LoaderConfig:
     base = dict(loader=loader, data=str(folder), img_size=SIZE, patch_size=PATCH, batch_size=BATCH,
-                workers=0 if loader == "torch" else 2, train=False, mask="green")  # fmt: skip
+                workers=0 if loader == "torch" else 2, train=False, schedule="green")  # fmt: skip
     return LoaderConfig(**{**base, **overrides})
 
 
@@ -195,7 +195,7 @@ def check_masks_by_batch_index(loader, cfg: LoaderConfig) -> list[dict]:
     """Read epochs 0 (dropped after one batch, as the trainer does with steps_per_epoch), 1, 2 and 2
     again (one batch); every batch's masks must be those of its (epoch, batch index), straight from
     the generator (a short batch: the first rows of a full one). Returns epoch 1's batches."""
-    generator = MaskGenerator(cfg.mask, GRID, cfg.mask_ratio, seed=cfg.seed, rank=cfg.rank)
+    generator = MaskGenerator(cfg.schedule, GRID, cfg.mask_ratio, seed=cfg.seed, rank=cfg.rank)
     epoch_one = []
     for epoch, limit in ((0, 1), (1, None), (2, None), (2, 1)):
         loader.set_epoch(epoch)
@@ -214,15 +214,15 @@ def check_masks_by_batch_index(loader, cfg: LoaderConfig) -> list[dict]:
 @pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 2), ("dali", 1), ("dali", 3)])
 def test_masks_depend_only_on_seed_rank_epoch_and_batch_index(folder, backend, workers):
     cfg = _config(folder, backend, train=True, drop_last=False, batch_size=10, workers=workers,
-                  mask=MASK_SCHEDULE, seed=5, rank=1, world_size=2)
+                  schedule=MASK_SCHEDULE, seed=5, rank=1, world_size=2)
     epoch_one = check_masks_by_batch_index(build_loader(cfg), cfg)
     assert [len(batch["labels"]) for batch in epoch_one] == [10, 3]  # rank 1 of 2 holds 13 of the 26 images
 
 
 def test_torch_augmentation_does_not_depend_on_worker_count(folder):
-    cfg = _config(folder, "torch", train=True, mask=None)
+    cfg = _config(folder, "torch", train=True, schedule=None)
     single = next(iter(build_loader(cfg)))
-    multi = next(iter(build_loader(_config(folder, "torch", train=True, mask=None, workers=2))))
+    multi = next(iter(build_loader(_config(folder, "torch", train=True, schedule=None, workers=2))))
     assert single["mask"] is None
     assert torch.equal(single["images"], multi["images"]) and torch.equal(single["labels"], multi["labels"])
 
@@ -249,7 +249,7 @@ def test_a_dropped_torch_loader_stops_its_workers_at_once(folder):
 
 @pytest.mark.slow
 def test_ffcv_training_epochs_and_their_masks(folder):
-    cfg = _config(folder, "ffcv", train=True, mask=MASK_SCHEDULE, seed=5)
+    cfg = _config(folder, "ffcv", train=True, schedule=MASK_SCHEDULE, seed=5)
     loader = build_loader(cfg)
     epoch = check_masks_by_batch_index(loader, cfg)
     assert len(loader) == len(epoch) == (GOOD_JPEGS + 2) // BATCH

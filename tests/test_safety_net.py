@@ -86,7 +86,7 @@ def _images_by_label(loader) -> dict[int, torch.Tensor]:
 def test_augmentation_is_seeded_per_epoch(one_image_per_class, backend):
     def epoch(number: int) -> dict[int, torch.Tensor]:
         cfg = LoaderConfig(loader=backend, data=str(one_image_per_class), img_size=32, patch_size=8,
-                           batch_size=4, workers=0 if backend == "torch" else 1, mask=None, seed=3)
+                           batch_size=4, workers=0 if backend == "torch" else 1, schedule=None, seed=3)
         loader = build_loader(cfg)
         loader.set_epoch(number)
         return _images_by_label(loader)
@@ -114,7 +114,7 @@ def coordinate_images(tmp_path_factory) -> Path:
 def test_training_crops_cover_at_least_the_minimum_scale(coordinate_images, backend):
     size = 32
     cfg = LoaderConfig(loader=backend, data=str(coordinate_images), img_size=size, patch_size=8,
-                       batch_size=16, workers=0 if backend == "torch" else 1, mask=None)
+                       batch_size=16, workers=0 if backend == "torch" else 1, schedule=None)
     images = torch.cat([batch["images"] for batch in build_loader(cfg)])
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     pixels = (images * std + mean) * 255

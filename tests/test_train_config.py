@@ -117,7 +117,7 @@ def test_the_loader_runs_with_every_data_and_mask_setting(data_dir, tmp_path):
     loader = LoaderConfig.from_sections(cfg.data, cfg.mask, patch_size=8, batch_size=4, rank=1, world_size=2)
     assert (loader.loader, loader.data, loader.ffcv_path, loader.workers, loader.img_size) == (
         "ffcv", data_dir, f"{tmp_path}/x.beton", 3, 48)
-    assert (loader.mask, loader.mask_ratio, loader.mask_bank) == ("green@0,blue@2", 0.6, "b.npz")
+    assert (loader.schedule, loader.mask_ratio, loader.mask_bank) == ("green@0,blue@2", 0.6, "b.npz")
     assert (loader.patch_size, loader.batch_size, loader.rank, loader.world_size) == (8, 4, 1, 2)
     unmasked = LoaderConfig.from_sections(DataConfig(workers=None), train=False)
-    assert unmasked.mask is None and unmasked.workers == LoaderConfig().workers and not unmasked.train
+    assert unmasked.schedule is None and unmasked.workers == LoaderConfig().workers and not unmasked.train
