@@ -1,9 +1,10 @@
 """What every backend shares: the folder scan, sample order and sharding, the mask stage,
-normalisation, exact resume."""
+normalisation, exact (and elastic) resume."""
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -42,16 +43,20 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def shard(order: np.ndarray, rank: int, world_size: int, *, equal: bool) -> np.ndarray:
-    """This rank's contiguous slice of `order` (the split DALI's reader uses for shard_id/num_shards).
+def shard(order: np.ndarray, rank: int, world_size: int, batch_size: int, *, drop_last: bool) -> np.ndarray:
+    """This rank's samples of `order`, in reading order: the ranks' batches k together are the k-th
+    global batch `order[k*B*W : (k+1)*B*W]`, rank r reading its r-th block of B.
 
-    With `equal`, the tail is first cut so every rank gets the same count (training: same number of
-    steps on every rank); without it, every sample goes to exactly one rank (evaluation).
+    So after k batches on every rank, the ranks have read exactly the first k*B*W samples: an epoch's
+    position is one number (samples consumed), and a resume on another number of ranks continues
+    there (see `BaseLoader.state_dict`). With `drop_last` only whole global batches are read (every
+    rank makes the same number of full batches); without it, every sample goes to exactly one rank.
     """
-    if equal:
-        order = order[: len(order) // world_size * world_size]
-    n = len(order)
-    return order[n * rank // world_size : n * (rank + 1) // world_size]
+    block = batch_size * world_size
+    if drop_last:
+        order = order[: len(order) // block * block]
+    starts = range(rank * batch_size, len(order), block)
+    return np.concatenate([order[start : start + batch_size] for start in starts] or [order[:0]])
 
 
 def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
@@ -112,10 +117,11 @@ class BaseLoader:
     """What every backend shares: the folder scan, the epoch's sample order and length, the mask and
     exact resume. A backend implements `_batches(skip)` and sets `num_images` if it reads another source.
 
-    `state_dict()` records the epoch and the batches consumed in it; after `load_state_dict()` the
-    next iteration starts at the first unconsumed batch. Calling `set_epoch()` with the restored
-    epoch keeps that pending resume point. Masks need no state: batch `index` of `epoch` gets
-    `self.masks(epoch, index, rows)`.
+    `state_dict()` records the epoch and the samples of its order consumed by all ranks together;
+    after `load_state_dict()` the next iteration starts at the first unconsumed batch, also on another
+    number of ranks or another per-rank batch size (the position must fall on a global batch of this
+    loader). Calling `set_epoch()` with the restored epoch keeps that pending resume point. Masks
+    need no state: batch `index` of `epoch` gets `self.masks(epoch, index, rows)`.
     """
 
     requires_data = True  # False: the backend can read another source when `cfg.data` is empty
@@ -131,27 +137,41 @@ class BaseLoader:
         self.data_signature: str = manifest.signature() if manifest else ""  # part of a run's fingerprint
         self.num_images: int = len(manifest) if manifest else 0  # samples per epoch, all ranks together
         self.masks = MaskStage(cfg) if cfg.schedule else None
+        self.global_batch = cfg.batch_size * cfg.world_size  # samples the ranks' batches k read together
         self.epoch = 0
-        self._consumed = 0
+        self._consumed = 0  # batches of this epoch read by this rank (the first global batches)
         self._resume_at = 0
+        self._reading: weakref.ref | None = None  # the pass of __iter__ last started
 
     def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield (images, labels, mask) of this epoch, starting after `skip` batches. `mask` is None
-        (`__iter__` attaches the mask stage's) unless the backend's own pipeline draws it (DALI)."""
+        """Yield (images, labels, mask) of this epoch, starting after `skip` batches, which are not
+        decoded. `mask` is None (`__iter__` attaches the mask stage's) unless the backend's own
+        pipeline draws it (DALI)."""
         raise NotImplementedError
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices of `epoch`, in reading order: its shard of the (seed, epoch) order."""
+        """This rank's sample indices of `epoch`, in reading order: its share of the (seed, epoch) order."""
         cfg = self.cfg
         order = epoch_order(self.num_images, seed=cfg.seed, epoch=epoch, shuffle=cfg.train)
-        return shard(order, cfg.rank, cfg.world_size, equal=self.drop_last)
+        return shard(order, cfg.rank, cfg.world_size, cfg.batch_size, drop_last=self.drop_last)
 
     def __len__(self) -> int:
         cfg = self.cfg
-        count = len(shard(np.arange(self.num_images), cfg.rank, cfg.world_size, equal=self.drop_last))
+        count = len(shard(np.arange(self.num_images), cfg.rank, cfg.world_size, cfg.batch_size,
+                          drop_last=self.drop_last))
         return num_batches(count, cfg.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[dict]:
+        """This epoch's batches from the resume point on; a pass still open (an epoch stopped early) is
+        closed first, so its backend iterator ends before the next one starts."""
+        previous = self._reading() if self._reading else None
+        if previous is not None:
+            previous.close()
+        batches = self._read()
+        self._reading = weakref.ref(batches)  # weak: a pass left open must not keep the loader alive
+        return batches
+
+    def _read(self) -> Iterator[dict]:
         skip, self._resume_at = self._resume_at, 0
         self._consumed = skip
         for images, labels, mask in self._batches(skip):
@@ -167,8 +187,15 @@ class BaseLoader:
         self.epoch, self._consumed, self._resume_at = epoch, 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._consumed}
+        """{"epoch", "samples"}: the samples of the epoch's order read by all ranks together."""
+        return {"epoch": self.epoch, "samples": min(self._consumed * self.global_batch, self.num_images)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s resume point (a "mask" entry of older checkpoints is not needed)."""
-        self.epoch, self._consumed, self._resume_at = state["epoch"], state["batches"], state["batches"]
+        """Restore `state_dict()`'s resume point. Older checkpoints' {"epoch", "batches"} count this
+        loader's batches (their "mask" entry is not needed)."""
+        samples = state["samples"] if "samples" in state else state["batches"] * self.global_batch
+        if samples % self.global_batch and samples < self.num_images:
+            raise ValueError(f"resume position {samples} of epoch {state['epoch']} is not a multiple of "
+                             f"the {self.global_batch} samples the ranks read per batch")
+        batches = -(-samples // self.global_batch)
+        self.epoch, self._consumed, self._resume_at = state["epoch"], batches, batches

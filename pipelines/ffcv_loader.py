@@ -3,14 +3,14 @@ the mask is appended after the batch reaches the device.
 
 Sample order comes from the shared (seed, epoch) permutation and rank shard
 (`BaseLoader.epoch_indices`), handed to ffcv as a TraversalOrder, so all three backends give each
-rank the same files and no process group is needed. ffcv draws its crops and flips from numba's
-unseeded RNG: mid-epoch resume fast-forwards (decodes and drops the consumed batches), so order and
-masks continue exactly but the augmentation of the remaining batches is redrawn.
+rank the same files and no process group is needed. A mid-epoch resume hands ffcv only the epoch's
+remaining samples, so nothing is decoded twice; order and masks continue exactly, but ffcv draws its
+crops and flips from numba's unseeded RNG, so the augmentation of the remaining batches is redrawn.
+An epoch that stops early closes ffcv's epoch iterator (its thread and batch buffers) at once.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -35,16 +35,18 @@ from .prepare import ensure_beton
 
 
 class SharedOrder(TraversalOrder):
-    """This rank's shard of the shared (seed, epoch) order; ffcv's Loader calls the instance."""
+    """This rank's share of the shared (seed, epoch) order from sample `start` of it on; ffcv's Loader
+    calls the instance."""
 
     def __init__(self, loader: FFCVLoader):
-        self.loader = loader
+        self.loader, self.start = loader, 0
 
     def __call__(self, _loader: Loader) -> SharedOrder:
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.loader.epoch_indices(epoch).astype(np.uint64)  # ffcv's pipeline is typed for uint64
+        indices = self.loader.epoch_indices(epoch)[self.start :]
+        return indices.astype(np.uint64)  # ffcv's pipeline is typed for uint64
 
 
 class FFCVLoader(BaseLoader):
@@ -74,19 +76,25 @@ class FFCVLoader(BaseLoader):
             mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
             image_ops += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
             label_ops = [IntDecoder(), ToTensor(), Squeeze()]
+        self.order = SharedOrder(self)
         self.loader = Loader(
             str(path),
             batch_size=cfg.batch_size,
             num_workers=max(cfg.workers, 1),
-            order=SharedOrder(self),
+            order=self.order,
             drop_last=self.drop_last,
             pipelines={"image": image_ops, "label": label_ops},
         )
 
     def _batches(self, skip: int):
-        self.loader.next_epoch = self.epoch
-        for images, labels in itertools.islice(self.loader, skip, None):
-            labels = labels.to(self.device, dtype=torch.int64).view(-1)
-            # ffcv refills its batch buffers a few batches later: hand out a tensor of our own
-            images = normalize(images, self.device) if self.device.type == "cuda" else images.clone()
-            yield images, labels, None
+        self.order.start, self.loader.next_epoch = skip * self.cfg.batch_size, self.epoch
+        iterator = iter(self.loader)  # ffcv's epoch iterator: a thread decoding the batches ahead
+        try:
+            for images, labels in iterator:
+                labels = labels.to(self.device, dtype=torch.int64).view(-1)
+                # ffcv refills its batch buffers a few batches later: hand out a tensor of our own
+                images = normalize(images, self.device) if self.device.type == "cuda" else images.clone()
+                yield images, labels, None
+        finally:  # also when the epoch stops early: the thread ends and its buffers are freed
+            iterator.close()
+            iterator.join()

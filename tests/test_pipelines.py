@@ -153,8 +153,9 @@ def test_two_ranks_split_the_epoch_without_overlap(folder, eval_epochs, backend)
 def test_torch_training_shards_are_disjoint_equal_and_reshuffled(folder):
     loaders = [build_loader(_config(folder, "torch", train=True, rank=r, world_size=2)) for r in range(2)]
     epoch0 = [set(loader.sampler.indices().tolist()) for loader in loaders]
-    assert not epoch0[0] & epoch0[1] and len(epoch0[0]) == len(epoch0[1]) == (GOOD_JPEGS + 2) // 2
-    assert len(loaders[0]) == len(loaders[1]) == (GOOD_JPEGS + 2) // 2 // BATCH
+    whole_batches = (GOOD_JPEGS + 2) // (2 * BATCH)  # global batches of 2 x 8: the tail is dropped
+    assert not epoch0[0] & epoch0[1] and len(epoch0[0]) == len(epoch0[1]) == whole_batches * BATCH
+    assert len(loaders[0]) == len(loaders[1]) == whole_batches
     loaders[0].set_epoch(1)
     assert set(loaders[0].sampler.indices().tolist()) != epoch0[0]
 
@@ -167,12 +168,11 @@ def test_mid_epoch_resume_gives_identical_batches(folder, backend):
     batches = iter(first)
     next(batches), next(batches)
     state = first.state_dict()
-    assert state["epoch"] == 3 and state["batches"] == 2
+    assert state == {"epoch": 3, "samples": 2 * 4}  # masks need no state
     rest = list(batches)
 
-    assert set(state) == {"epoch", "batches"}  # masks need no state
     resumed = build_loader(cfg)
-    resumed.load_state_dict({**state, "mask": {"epoch": 0, "rng": {}}})  # older checkpoints: ignored
+    resumed.load_state_dict({"epoch": 3, "batches": 2, "mask": {"epoch": 0, "rng": {}}})  # older checkpoints
     resumed.set_epoch(3)  # the trainer's call for the resumed epoch keeps the resume point
     again = list(resumed)
     assert len(again) == len(rest) == len(first) - 2
@@ -186,6 +186,87 @@ def test_mid_epoch_resume_gives_identical_batches(folder, backend):
     for a, b in zip(rest, again, strict=True):
         for key in ("images", "mask", "labels"):
             assert torch.equal(a[key], b[key]), key
+
+
+def count_decoded(backend: str, monkeypatch) -> list[int]:
+    """From now on, every image the backend decodes appends 1 (ffcv: the size of each batch its
+    pipeline decodes)."""
+    decoded = []
+    if backend == "torch":  # workers=0: decoded in this process
+        from pipelines import torch_loader
+
+        real = torch_loader.decode_image
+        monkeypatch.setattr(torch_loader, "decode_image", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    elif backend == "dali":  # the pipeline's source reads each file it hands to the decoder
+        real = np.fromfile
+        monkeypatch.setattr(np, "fromfile", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    else:
+        from ffcv.loader.epoch_iterator import EpochIterator
+
+        real = EpochIterator.run_pipeline
+
+        def run_pipeline(self, b_ix, batch_indices, *args):
+            decoded.extend([1] * len(batch_indices))
+            return real(self, b_ix, batch_indices, *args)
+
+        monkeypatch.setattr(EpochIterator, "run_pipeline", run_pipeline)
+    return decoded
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_mid_epoch_resume_decodes_only_the_rest_of_the_epoch(folder, backend, monkeypatch):
+    """Resumed after 2 of its 6 batches, an epoch decodes the 4 batches left (and a cut-short epoch at
+    most DALI's or ffcv's read-ahead), never the consumed ones again."""
+    cfg = _config(folder, backend, train=True, batch_size=4)
+    first = build_loader(cfg)
+    first.set_epoch(1)
+    expected = [batch["labels"] for batch in first]
+    resumed = build_loader(cfg)
+    resumed.load_state_dict({"epoch": 1, "samples": 2 * 4})
+    resumed.set_epoch(1)
+    decoded = count_decoded(backend, monkeypatch)
+    rest = list(resumed)
+    assert len(decoded) == len(rest) * 4 == (len(first) - 2) * 4
+    for labels, batch in zip(expected[2:], rest, strict=True):
+        assert torch.equal(labels, batch["labels"])
+
+
+def test_dali_builds_its_pipeline_once_and_reads_the_torch_order_and_crops(folder):
+    """Three training epochs, the first cut short: one pipeline build; every image is the torch
+    backend's image of the same position (same sample order, same crop and flip)."""
+    loaders = {backend: build_loader(_config(folder, backend, train=True, batch_size=4, workers=1))
+               for backend in ("torch", "dali")}
+    for epoch in range(3):
+        images = {}
+        for backend, loader in loaders.items():
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            if epoch == 0:
+                next(batches)  # cut short, as the trainer does with steps_per_epoch
+                continue
+            images[backend] = _pixels(torch.cat([batch["images"] for batch in batches])).flatten(1)
+        if images:
+            distance = torch.cdist(images["dali"], images["torch"],
+                                   compute_mode="donot_use_mm_for_euclid_dist")
+            assert torch.equal(distance.argmin(dim=1), torch.arange(len(images["torch"]))), epoch
+            assert (images["dali"] - images["torch"]).abs().mean() < 2 / 255
+    assert loaders["dali"].builds == 1
+
+
+@pytest.mark.slow
+def test_ffcv_closes_the_epoch_iterator_of_a_cut_short_epoch(folder):
+    import threading
+
+    loader = build_loader(_config(folder, "ffcv", train=True, batch_size=4))
+    before = threading.active_count()
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        next(batches)
+        del batches  # the trainer drops an epoch's iterator at steps_per_epoch
+    loader.set_epoch(5)
+    assert sum(1 for _ in loader) == len(loader)
+    assert threading.active_count() == before
 
 
 MASK_SCHEDULE = "green@0,blue@1,random@2"  # a new colour every epoch
@@ -214,9 +295,9 @@ def check_masks_by_batch_index(loader, cfg: LoaderConfig) -> list[dict]:
 @pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 2), ("dali", 1), ("dali", 3)])
 def test_masks_depend_only_on_seed_rank_epoch_and_batch_index(folder, backend, workers):
     cfg = _config(folder, backend, train=True, drop_last=False, batch_size=10, workers=workers,
-                  schedule=MASK_SCHEDULE, seed=5, rank=1, world_size=2)
+                  schedule=MASK_SCHEDULE, seed=5, rank=0, world_size=2)
     epoch_one = check_masks_by_batch_index(build_loader(cfg), cfg)
-    assert [len(batch["labels"]) for batch in epoch_one] == [10, 3]  # rank 1 of 2 holds 13 of the 26 images
+    assert [len(batch["labels"]) for batch in epoch_one] == [10, 6]  # rank 0 of 2: blocks 0 and 2 of 26
 
 
 def test_torch_augmentation_does_not_depend_on_worker_count(folder):

@@ -179,7 +179,7 @@ def test_two_ranks_split_each_step_between_them(tmp_path, random_image_folder):
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)
     assert checkpoint["step"] == 48 // 8
-    assert [state["batches"] for state in checkpoint["loader"]] == [6, 6]
+    assert [state["samples"] for state in checkpoint["loader"]] == [48, 48]  # the whole epoch, read together
 
 
 # --- evaluation: k-NN compares directions, not lengths ------------------------------------------

@@ -224,7 +224,7 @@ def test_resume_after_sigterm_is_exact(images, runs, monkeypatch, loader):
     signal_during_step(monkeypatch, 9)
     train.main(args(images, runs, *options, f"log.run_name=split-{loader}"))
     ckpt = torch.load(runs / f"split-{loader}" / "checkpoint-last.pth", weights_only=True)
-    assert (ckpt["epoch"], ckpt["step"], ckpt["loader"][0]["batches"]) == (1, 9, 3)  # mid-epoch
+    assert (ckpt["epoch"], ckpt["step"], ckpt["loader"][0]["samples"]) == (1, 9, 3 * 8)  # mid-epoch
     assert mlflow_run(runs, runs / f"split-{loader}")[1].info.status == "KILLED"
     resumed = train.main(args(images, runs, *options, f"log.run_name=split-{loader}"))
 
