@@ -24,7 +24,6 @@ import argparse
 import logging
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -191,22 +190,22 @@ def build(cfg: Config, resume: str | None = None) -> Run:
               fingerprint(cfg, loader.data_signature, steps_per_epoch=steps_per_epoch)[0], optimizer,
               scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), dtype)
     mlflow_run_id = restore(run, resume)
-    run.folder.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no run folder
-    if t.compile:
-        model.compile()
-    run.ddp = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
     runs_root = Path(cfg.log.runs_root).resolve()
     run.tracker = tracking.Tracker(
         tracking.resolve_uri(cfg.log.mlflow_uri, cfg.log.runs_root), cfg.log.experiment,
         run_name=run.folder.name, run_id=mlflow_run_id, enabled=rank == 0 and cfg.log.mlflow,
         offline_dir=run.folder, system_metrics=cfg.log.system_metrics,
-        tags={**tracking.standard_tags(str(Path(__file__).resolve()), git_commit()),
+        tags={**tracking.standard_tags(str(Path(__file__).resolve())),
               "loader": cfg.data.loader, "mask": cfg.mask.schedule, "world_size": world,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "runs_root": str(runs_root),  # the checkpoint is recorded relative to it: runs/ may move
               "checkpoint": str((run.folder / "checkpoint-last.pth").resolve().relative_to(runs_root)),
               "colormae.fingerprint": run.fingerprint, "colormae.data_signature": loader.data_signature})
+    run.folder.mkdir(parents=True, exist_ok=True)  # only now: a bad input or refused credentials leave none
+    if t.compile:
+        model.compile()
+    run.ddp = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     return run
 
 
@@ -237,7 +236,7 @@ def restore(run: Run, resume: str | None) -> str | None:
     run.step = ckpt["step"]
     if run.rank == 0:
         log.info("resuming from %s at epoch %d, step %d", path, ckpt["epoch"], run.step)
-    synced = run.folder / tracking.RUN_ID_FILE  # written by `tracking.py sync` of an offline run
+    synced = run.folder / tracking.RUN_ID_FILE  # written by `colormae-tracking sync` of an offline run
     return ckpt.get("mlflow_run_id") or (synced.read_text().strip() if synced.is_file() else None)
 
 
@@ -339,18 +338,6 @@ def train(run: Run) -> MaskedAutoencoderViT:
         finally:
             report.close(status)
     return run.model
-
-
-def git_commit() -> str:
-    """The commit this code runs at, for the run's tags (GIT_COMMIT wins: images carry no .git)."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True)
-    except OSError:  # no git on this machine
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def dry_run(cfg: Config) -> nn.Module:

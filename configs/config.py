@@ -35,7 +35,7 @@ from errors import UserError
 from model.config import ModelConfig
 from noise.config import MaskConfig
 from pipelines.config import DataConfig
-from tracking import LogConfig
+from tracking.config import LogConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")

@@ -150,7 +150,7 @@ def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str, *,
     `params` are the probe's parameters, `data` the splits it reads. Closed FINISHED on success and
     FAILED when the evaluation raises.
     """
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # mlflow: optional, as in tracking.py
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # mlflow: optional, as in tracking/
 
     run_id = pretrain_run_id(checkpoint, args.pretrain_run_id)
     config = training_config(checkpoint)

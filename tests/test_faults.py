@@ -334,7 +334,7 @@ def test_item9_tracker_close_never_raises(tmp_path, caplog, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(tracker._client, "set_terminated", store_down)
-    monkeypatch.setattr(tracker, "_write", disk_full)
+    monkeypatch.setattr(tracker, "_keep", disk_full)
     with caplog.at_level(logging.WARNING):
         tracker.close("FAILED")
     assert "could not record the end of the run" in caplog.text

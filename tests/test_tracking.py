@@ -1,17 +1,23 @@
-"""tracking.Tracker: the embedded SQLite store, resumed runs, and a store that cannot be reached.
+"""tracking: the embedded SQLite store, resumed runs, a store that cannot be reached or refuses the
+credentials, and offline records that replay to what the live tracker logs.
 
 A real `mlflow server` that dies in the middle of a training run is tested in test_train.py.
 """
 
+import http.server
 import json
+import os
+import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -188,3 +194,118 @@ def test_standard_tags_fill_source_user_and_commit():
     assert tags["mlflow.source.name"] == "/repo/train.py" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == "a" * 40
     assert "mlflow.source.git.commit" not in tracking.standard_tags("train.py", "unknown")
+
+
+def log_everything(tracker: tracking.Tracker, files: Path) -> None:
+    """One of each kind of record, with numpy numbers where the trainer has them (an ffcv image count)."""
+    tracker.log_params({"train.epochs": 2, "lr": np.float32(0.5)})
+    tracker.log_metrics({"loss": np.float32(0.25), "images_per_s": np.float64(8.0)}, np.int64(1))
+    tracker.log_metrics({"loss": 0.125}, 2)
+    tracker.log_text("train: {epochs: 2}\n", "config.yaml")
+    tracker.log_text("numpy==2\n", "environment/pip-freeze.txt")
+    tracker.log_dataset("train", "/data/train", "0123abcd", np.uint64(48))
+    (files / "encoder").mkdir(parents=True, exist_ok=True)
+    (files / "encoder" / "model.safetensors").write_bytes(b"weights")
+    tracker.log_model_folder(files / "encoder", "encoder", step=2, tags={"epoch": 2})
+    tracker.close()
+
+
+def what_was_logged(uri: str, run_id: str) -> dict:
+    """Everything a run page shows that the records write (run ids and times left out)."""
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    return {
+        "status": run.info.status, "params": run.data.params,
+        "tags": {k: v for k, v in run.data.tags.items() if k not in ("mlflow.runName",)},
+        "metrics": {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+                    for name in run.data.metrics},
+        "artifacts": sorted(a.path for a in client.list_artifacts(run_id))
+        + sorted(a.path for a in client.list_artifacts(run_id, "environment")),
+        "datasets": [(d.dataset.name, d.dataset.digest, d.dataset.profile, d.dataset.source)
+                     for d in run.inputs.dataset_inputs],
+        "models": [(m.name, m.tags, [o.step for o in run.outputs.model_outputs],
+                    sorted(a.path for a in client.list_logged_model_artifacts(m.model_id))) for m in models],
+    }
+
+
+def test_offline_records_replay_to_exactly_what_the_live_tracker_logs(store, tmp_path, caplog):
+    """The same calls, once to a live store and once to a dead server then synced, log the same run; the
+    live one stays online (numpy numbers are values, not a dead store)."""
+    uri = tracking.default_tracking_uri(store)
+    live = tracking.Tracker(uri, "replay", run_name="replay", tags={"loader": "ffcv"},
+                            offline_dir=tmp_path / "a")
+    log_everything(live, tmp_path / "a-files")
+    assert not live.offline and "unreachable" not in caplog.text
+
+    dead = tracking.Tracker(f"http://127.0.0.1:{free_port()}", "replay", run_name="replay",
+                            tags={"loader": "ffcv"}, offline_dir=tmp_path / "b")
+    log_everything(dead, tmp_path / "b-files")
+    shutil.rmtree(tmp_path / "b-files")  # the offline folder keeps its own copies
+    (replayed,) = tracking.sync(tmp_path / "b", uri)
+    assert what_was_logged(uri, replayed) == what_was_logged(uri, live.run_id)
+    [model] = what_was_logged(uri, replayed)["models"]
+    assert model == ("encoder", {"epoch": "2"}, [2], ["model.safetensors"])
+
+
+def test_a_bug_in_a_logged_value_is_raised_not_taken_for_a_dead_store(store, tmp_path, caplog):
+    tracker = tracking.Tracker(tracking.default_tracking_uri(store), "bug", offline_dir=tmp_path)
+    with pytest.raises(TypeError):
+        tracker.log_dataset("train", "/data", "abc", num_images=object())
+    tracker.close("FAILED")
+    assert not tracker.offline and "unreachable" not in caplog.text
+    assert MlflowClient(tracking.default_tracking_uri(store)).get_run(tracker.run_id).info.status == "FAILED"
+
+
+@pytest.fixture(scope="module", params=[401, 403])
+def refusing_server(request) -> str:
+    """An HTTP server that answers every request as MLflow's basic-auth app answers a wrong password."""
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def refuse(self):
+            body = b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/index.html"
+            self.send_response(request.param)
+            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_refused_credentials_are_the_users_input_not_a_dead_server(refusing_server, tmp_path):
+    with pytest.raises(tracking.CredentialsRefused, match=r"refused the credentials \(HTTP 40[13]\)"):
+        tracking.Tracker(refusing_server, "auth", offline_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing kept offline: nothing was trained
+
+    offline = tracking.Tracker(f"http://127.0.0.1:{free_port()}", "auth", offline_dir=tmp_path / "down")
+    offline.log_metrics({"loss": 1.0}, 1)
+    offline.close()
+    done = subprocess.run([sys.executable, "-m", "tracking", "sync", str(tmp_path / "down"), "--mlflow-uri",
+                           refusing_server], cwd=Path(tracking.__file__).parent.parent, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: MLflow at {refusing_server} refused the credentials")
+    assert (tmp_path / "down" / tracking.OFFLINE_FILE).is_file()  # kept for a sync with the right password
+
+
+def test_user_without_a_passwd_entry_is_named_by_uid(monkeypatch):
+    """`docker run --user UID:GID` gives a uid that /etc/passwd does not know, and often no USER."""
+    def unknown(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    for name in ("USER", "LOGNAME", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    assert tracking.standard_tags("train.py", "unknown")["mlflow.user"] == str(os.getuid())
+    monkeypatch.setenv("USER", "alice")
+    assert tracking.standard_tags("train.py", "unknown")["mlflow.user"] == "alice"

@@ -88,7 +88,7 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
     assert [tags[k] for k in ("loader", "mask", "world_size", "device")] == ["torch", "green", "1", "cpu"]
     assert tags["checkpoint"] == "full/checkpoint-last.pth"  # relative to the runs root
     assert tags["mlflow.source.name"] == str(ROOT / "train.py") and tags["mlflow.source.type"] == "LOCAL"
-    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == train.git_commit()
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == tracking.git_commit()
     cfg = train.parse_args(args(images, runs, "train.epochs=2", "log.run_name=full"))[0]
     assert tags["colormae.fingerprint"] == fingerprint(cfg, scan(images).signature(), steps_per_epoch=6)[0]
     assert {"loss", "lr", "images_per_s", "data_wait", "step_time_s", "peak_mem_mb"} <= set(run.data.metrics)
@@ -401,7 +401,7 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
         assert log.count("is unreachable") == 1, log
         assert cli.command("colormae-tracking", "sync", str((tmp_path / "demo").resolve())) in log
         server = start_server(store, port)
-        sync = subprocess.run([sys.executable, "tracking.py", "sync", str(tmp_path / "demo")], cwd=ROOT,
+        sync = subprocess.run([sys.executable, "-m", "tracking", "sync", str(tmp_path / "demo")], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert sync.returncode == 0, sync.stderr
         client = MlflowClient(uri)
@@ -412,9 +412,11 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
         assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(1, 19))
         recon = {a.path for a in client.list_artifacts(run_id, "reconstructions")}
         assert recon == {f"reconstructions/reconstruction-epoch-000{e}.png" for e in (1, 2, 3)}
-        encoder = {a.path for a in client.list_artifacts(run_id, "encoder")}  # offline: plain artifacts
-        files = ("config.json", "model.safetensors", "model-card.json", "README.md")
-        assert encoder == {f"encoder/{name}" for name in files}
+        [encoder] = client.search_logged_models([run.info.experiment_id],  # logged offline, synced as such
+                                                filter_string=f"source_run_id = '{run_id}'")
+        files = {a.path for a in client.list_logged_model_artifacts(encoder.model_id)}
+        assert encoder.name == "encoder"
+        assert files == {"config.json", "model.safetensors", "model-card.json", "README.md"}
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
@@ -457,8 +459,8 @@ def test_reconstruction_figure_of_a_perfect_prediction_is_grey(tmp_path):
 
 def test_git_commit_tag_from_env_or_unknown_without_git(monkeypatch):
     monkeypatch.setenv("GIT_COMMIT", "abc123")
-    assert train.git_commit() == "abc123"
+    assert tracking.git_commit() == "abc123"
     monkeypatch.delenv("GIT_COMMIT")
-    assert len(train.git_commit()) == 40  # this checkout's commit
+    assert len(tracking.git_commit()) == 40  # this checkout's commit
     monkeypatch.setenv("PATH", "/nonexistent")  # an image without git
-    assert train.git_commit() == "unknown"
+    assert tracking.git_commit() == "unknown"
