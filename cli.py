@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from configs.config import DEVICES  # the config sections' own lists (they import no torch)
 from model.presets import PRESETS
 from pipelines.backends import LOADERS
 
+DEVICES = ("auto", "cpu", "cuda")  # --device and train.device
 POOLS = ("cls", "avg")  # how one vector summarises an image: the cls token or the mean patch token
 
 

@@ -31,6 +31,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from cli import DEVICES
 from errors import UserError
 from model.config import ModelConfig
 from noise.config import MaskConfig
@@ -38,7 +39,6 @@ from pipelines.config import DataConfig
 from tracking.config import LogConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 SHIPPED = Path(__file__).parent  # the demo and the paper recipes (package data of the wheel too)
 
 
