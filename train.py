@@ -1,12 +1,13 @@
 """ColorMAE / MAE pretraining: config -> loader + masks -> MAE -> AdamW -> checkpoints -> MLflow.
 
     python train.py --config configs/demo.yaml                       # the CPU demo (Fashion-MNIST)
-    python train.py --config configs/demo.yaml train.epochs=2 mask.schedule=blue --loader torch
+    python train.py --config configs/demo.yaml train.epochs=2 mask.schedule=random --loader torch
     torchrun --nproc-per-node 8 train.py --config configs/vit_base_green_800ep.yaml
 
 A run lives in <log.runs_root>/<log.run_name>: checkpoint-last.pth (every epoch and on SIGTERM or
 SIGUSR1), checkpoint-<epoch>.pth (every train.checkpoint_every epochs) and the figures. The same
-command again (or --resume PATH) continues exactly where the run stopped.
+command again (or --resume PATH) continues exactly where the run stopped; a changed setting or
+changed data does not (run_folder.py: a run folder holds one experiment).
 
 Read from `main` up: `build(cfg)` makes the parts of a run (a `Run`), `train(run)` is the epoch / step
 loop and `train_step` one optimiser step; what is logged, and when, is train_report.py's `Report`.
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader", choices=LOADERS, help="data loader (default: the config's data.loader)")
     parser.add_argument("--resume",
                         help="checkpoint or run folder (default: the run's checkpoint-last.pth, if any)")
+    parser.add_argument("--continue-with", metavar="KEYS", type=lambda text: text.split(","), action="extend",
+                        default=[], help="continue the run although these config keys differ from its "
+                        "checkpoint (comma-separated, e.g. mask.schedule for a new schedule from the next "
+                        "epoch, or data.signature for changed data); other changes than more epochs, "
+                        "logging and the loader are refused (default: none)")
     cli.add_common_args(parser, uri_default="log.mlflow_uri, else MLFLOW_TRACKING_URI, else SQLite in the "
                         "runs root", experiment_default="the config's log.experiment", device_default=None,
                         seed_default=None)
@@ -89,13 +95,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import cuda_check
-import run_lock
+import run_folder
 import tracking
 from configs.config import TrainConfig
 from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae
-from model.checkpoint import read_training_checkpoint, save_checkpoint
-from pipelines import LoaderConfig, build_loader, scan
+from pipelines import Loader, LoaderConfig, build_loader, scan
 from train_report import Report, Run, reconstruction_grid  # noqa: F401 (train.reconstruction_grid stays public)
 
 log = logging.getLogger("train")
@@ -143,11 +148,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def run_folder(cfg: Config) -> Path:
-    """<log.runs_root>/<log.run_name, else the config file's name>."""
-    return Path(cfg.log.runs_root) / (cfg.log.run_name or cfg.name)
-
-
 def build_optimizer(model: MaskedAutoencoderViT, t: TrainConfig, lr: float, *, warmup_steps: int,
                     total_steps: int, fused: bool = False) -> tuple[torch.optim.AdamW, CosineLRScheduler]:
     """AdamW and its schedule, stepped per optimiser step: linear warm-up from 0 to `lr`, then cosine.
@@ -167,9 +167,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, *, warmup_
         warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
-def build(cfg: Config, resume: str | None = None) -> Run:
-    """Everything a run needs, restored from its checkpoint if it has one; bad input raises before the
-    run folder or the MLflow run exists."""
+def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str, ...] = ()) -> Run:
+    """Everything a run needs, restored from `start` (see run_folder.resume_point) if given; bad input,
+    changed data included, raises before the run folder or the MLflow run exists."""
     t = cfg.train
     rank, world, device = init_distributed(t.device)
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
@@ -186,58 +186,68 @@ def build(cfg: Config, resume: str | None = None) -> Run:
         model, t, cfg.lr, warmup_steps=t.warmup_epochs * steps_per_epoch,
         total_steps=t.epochs * steps_per_epoch, fused=device.type == "cuda")
     dtype = autocast_dtype(t.precision, device)
-    run = Run(cfg, run_folder(cfg), rank, world, device, model, loader, micro_batch, steps_per_epoch,
-              fingerprint(cfg, loader.data_signature, steps_per_epoch=steps_per_epoch)[0], optimizer,
-              scheduler, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), dtype)
-    mlflow_run_id = restore(run, resume)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    folder = run_folder.path(cfg)
+    step, mlflow_run_id = 0, None
+    if start is not None:
+        run_folder.check_data(start, loader.manifest, loader.data_signature, accept)
+        check_resumable(start.path, start.ckpt, model.model_args, world=world,
+                        steps_per_epoch=steps_per_epoch)
+        step = restore(start.ckpt, model=model, optimizer=optimizer, scaler=scaler, loader=loader, rank=rank,
+                       device=device)
+        if rank == 0:
+            changed = f"; changed: {start.describe()}" if start.changes else ""
+            log.info("resuming from %s at epoch %d, step %d%s", start.path, start.ckpt["epoch"], step,
+                     changed)
+        mlflow_run_id = start.ckpt.get("mlflow_run_id") or run_folder.read_run_id(folder)  # a sync's id
     runs_root = Path(cfg.log.runs_root).resolve()
-    run.tracker = tracking.Tracker(
+    fingerprint_ = fingerprint(cfg, loader.data_signature, steps_per_epoch=steps_per_epoch)[0]
+    changes = {f"colormae.changes.step{step}": start.describe()} if start and start.changes else {}
+    tracker = tracking.Tracker(
         tracking.resolve_uri(cfg.log.mlflow_uri, cfg.log.runs_root), cfg.log.experiment,
-        run_name=run.folder.name, run_id=mlflow_run_id, enabled=rank == 0 and cfg.log.mlflow,
-        offline_dir=run.folder, system_metrics=cfg.log.system_metrics,
+        run_name=folder.name, run_id=mlflow_run_id, enabled=rank == 0 and cfg.log.mlflow,
+        offline_dir=folder, system_metrics=cfg.log.system_metrics,
         tags={**tracking.standard_tags(str(Path(__file__).resolve())),
               "loader": cfg.data.loader, "mask": cfg.mask.schedule, "world_size": world,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "runs_root": str(runs_root),  # the checkpoint is recorded relative to it: runs/ may move
-              "checkpoint": str((run.folder / "checkpoint-last.pth").resolve().relative_to(runs_root)),
-              "colormae.fingerprint": run.fingerprint, "colormae.data_signature": loader.data_signature})
-    run.folder.mkdir(parents=True, exist_ok=True)  # only now: a bad input or refused credentials leave none
+              "checkpoint": str((folder / "checkpoint-last.pth").resolve().relative_to(runs_root)),
+              "colormae.fingerprint": fingerprint_, "colormae.data_signature": loader.data_signature,
+              **changes})
+    folder.mkdir(parents=True, exist_ok=True)  # only now: a bad input or refused credentials leave none
+    if rank == 0:
+        run_folder.write_data_files(folder, loader.manifest)
     if t.compile:
         model.compile()
-    run.ddp = model if world == 1 else DistributedDataParallel(
+    ddp = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    return run
+    return Run(cfg=cfg, folder=folder, rank=rank, world=world, device=device, model=model, ddp=ddp,
+               loader=loader, micro_batch=micro_batch, steps_per_epoch=steps_per_epoch,
+               fingerprint=fingerprint_, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
+               tracker=tracker, step=step)
 
 
-def restore(run: Run, resume: str | None) -> str | None:
-    """Load --resume (a checkpoint or a run folder), else the run's checkpoint-last.pth if it exists,
-    into `run`; returns the MLflow run id to continue."""
-    path = run.folder / "checkpoint-last.pth" if resume is None else Path(resume)
-    path = path / "checkpoint-last.pth" if path.is_dir() else path
-    if not path.is_file():
-        if resume is not None:
-            raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
-        return None
-    # a broken checkpoint-last.pth on a plain rerun: continue from the newest good checkpoint-<epoch>.pth
-    path, ckpt = read_training_checkpoint(path, run.model.model_args, recover=resume is None,
-                                          keep=run.rank == 0)
-    if len(ckpt["loader"]) != run.world:
+def check_resumable(path: Path, ckpt: dict, model_args: dict, *, world: int, steps_per_epoch: int) -> None:
+    """Raise a UserError when this run cannot continue the checkpoint exactly."""
+    run_folder.check_same_model(ckpt, model_args, path)
+    if len(ckpt["loader"]) != world:
         raise ConfigError(f"{path} was written by {len(ckpt['loader'])} processes and this run has "
-                          f"{run.world}: exact resume needs the same world size")
-    if ckpt["step"] // run.steps_per_epoch != ckpt["epoch"]:
+                          f"{world}: exact resume needs the same world size")
+    if ckpt["step"] // steps_per_epoch != ckpt["epoch"]:
         raise ConfigError(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}) was written with "
-                          f"another number of steps per epoch than this run's {run.steps_per_epoch}: "
+                          f"another number of steps per epoch than this run's {steps_per_epoch}: "
                           "resume with the same batch size, accumulation, steps_per_epoch and data")
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    run.loader.load_state_dict(ckpt["loader"][run.rank])
-    set_rng_state(ckpt["rng"][run.rank], run.device)
-    run.step = ckpt["step"]
-    if run.rank == 0:
-        log.info("resuming from %s at epoch %d, step %d", path, ckpt["epoch"], run.step)
-    synced = run.folder / tracking.RUN_ID_FILE  # written by `colormae-tracking sync` of an offline run
-    return ckpt.get("mlflow_run_id") or (synced.read_text().strip() if synced.is_file() else None)
+
+
+def restore(ckpt: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            loader: Loader, rank: int, device: torch.device) -> int:
+    """Load a checkpoint's states into the parts of this rank; returns the optimiser steps done."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    loader.load_state_dict(ckpt["loader"][rank])
+    set_rng_state(ckpt["rng"][rank], device)
+    return ckpt["step"]
 
 
 def save(run: Run, name: str) -> None:
@@ -247,12 +257,13 @@ def save(run: Run, name: str) -> None:
         per_rank = [None] * run.world
         dist.all_gather_object(per_rank, (run.loader.state_dict(), rng_state(run.device)))
     if run.rank == 0:
-        save_checkpoint({
+        run_folder.save_checkpoint({
             "model": run.model.state_dict(), "model_args": run.model.model_args,
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.step // run.steps_per_epoch, "step": run.step, "loader": [s[0] for s in per_rank],
             "rng": [s[1] for s in per_rank], "config": to_dict(run.cfg),
-            "mlflow_run_id": run.tracker.run_id}, run.folder / name)
+            "data_signature": run.loader.data_signature, "mlflow_run_id": run.tracker.run_id},
+            run.folder / name)
 
 
 def train_step(run: Run, batches: Iterator[dict]) -> dict[str, float]:
@@ -353,8 +364,9 @@ def dry_run(cfg: Config) -> nn.Module:
     return model
 
 
-def main(argv: list[str] | None = None) -> nn.Module:
-    """Parse, validate before any compute, lock the run folder, train.
+def main(argv: list[str] | None = None) -> nn.Module | None:
+    """Parse, validate before any compute, lock the run folder, check what it holds, train (None:
+    the run folder's run is finished already).
 
     An expected failure (bad config, data or checkpoint, run folder in use, disk full) exits with
     one line (errors.reported); --debug or COLORMAE_DEBUG=1 shows the traceback instead.
@@ -365,13 +377,23 @@ def main(argv: list[str] | None = None) -> nn.Module:
     try:
         with errors.reported(errors.debug_requested(argv)):
             cfg, args = parse_args(argv)
-            validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            validate(cfg, world_size=world)
             if args.dry_run:
                 return dry_run(cfg)
-            with run_lock.hold(run_folder(cfg)) if rank == 0 else nullcontext(), logging_redirect_tqdm():
-                return train(build(cfg, args.resume))
+            lock = run_folder.hold(run_folder.path(cfg)) if rank == 0 else nullcontext()
+            with lock, logging_redirect_tqdm():
+                accept = tuple(args.continue_with)
+                start = run_folder.resume_point(cfg, args.resume, world=world, accept=accept, keep=rank == 0)
+                if start is not None and start.finished:
+                    if rank == 0:
+                        print(f"{start.path.parent} is finished: {start.ckpt['epoch']} of {cfg.train.epochs} "
+                              f"epochs trained (step {start.ckpt['step']}), nothing to do. More epochs: "
+                              "train.epochs=N; another experiment: log.run_name=NAME", flush=True)
+                    return None
+                return train(build(cfg, start, accept))
     except NonFiniteLoss as err:
-        last = run_folder(cfg) / "checkpoint-last.pth"
+        last = run_folder.path(cfg) / "checkpoint-last.pth"
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
         raise SystemExit(f"error: {err}: stopped before the optimiser step; {kept}. Try a lower "
                          "train.base_lr, train.clip_grad=1.0 or train.precision=fp32, then resume.") from err

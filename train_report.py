@@ -14,7 +14,7 @@ import resource
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,12 @@ class Run:
     """One training run's parts, as `build` returns them; `step` counts the optimiser steps done."""
 
     cfg: Config
-    folder: Path
+    folder: Path  # run_folder.path(cfg)
     rank: int
     world: int
     device: torch.device
     model: MaskedAutoencoderViT
+    ddp: nn.Module  # what the step calls: the model, inside DDP with several ranks
     loader: Loader
     micro_batch: int  # images per rank and micro-batch
     steps_per_epoch: int
@@ -56,9 +57,8 @@ class Run:
     scheduler: CosineLRScheduler
     scaler: torch.amp.GradScaler  # active for fp16 only
     dtype: torch.dtype | None  # autocast's; None is fp32
+    tracker: tracking.Tracker  # the MLflow run: the checkpoint's, when the run continues
     step: int = 0
-    ddp: nn.Module = field(init=False)  # what the step calls: the model, inside DDP with several ranks
-    tracker: tracking.Tracker = field(init=False)  # opened last: the checkpoint names the run to continue
 
 
 class Report:

@@ -214,13 +214,30 @@ def find_config(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (with its bases), then each `key=value` override in order."""
+    """Defaults, then the YAML file (with its bases), then each `key=value` override in order.
+
+    Without a log.run_name, overrides that change the mask schedule or the seed name the run
+    (`default_run_name`), so that they never continue the file's own run.
+    """
     merged = OmegaConf.structured(Config)
     if path is not None:
         merged = _merge_file(merged, find_config(path))
+    name = "default" if path is None else Path(path).stem
+    file_cfg = _to_config(merged, name)
     for text in overrides:
         merged = _override(merged, text)
-    return _to_config(merged, "default" if path is None else Path(path).stem)
+    cfg = _to_config(merged, name)
+    if cfg.log.run_name is None:
+        cfg.log.run_name = default_run_name(cfg, file_cfg)
+    return cfg
+
+
+def default_run_name(cfg: Config, file_cfg: Config) -> str | None:
+    """The config file's name, then the mask schedule and the seed where `cfg` changes the file's
+    (`demo-blue`, `demo-blue-seed3`): the settings a comparison of runs varies. None: unchanged."""
+    parts = [cfg.mask.schedule] if cfg.mask.schedule != file_cfg.mask.schedule else []
+    parts += [f"seed{cfg.train.seed}"] if cfg.train.seed != file_cfg.train.seed else []
+    return "-".join([cfg.name, *parts]) if parts else None
 
 
 def from_dict(values: dict) -> Config:

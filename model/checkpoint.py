@@ -1,20 +1,14 @@
-"""Read, write and recover MAE checkpoints; hand the encoder to timm's VisionTransformer.
+"""Read MAE checkpoints and exported encoders; hand the encoder to timm's VisionTransformer.
 
 A checkpoint is a dict ``{"model": state_dict, "model_args": {...}}`` (the public MAE release
 has only ``model``; pass ``preset=`` for those), or a folder written by ``model.export``. An
 unreadable file (empty, truncated, random bytes, text, pickled objects) or a mismatch raises a
-CheckpointError naming the file, the keys and shapes instead of torch's traceback.
-`save_checkpoint` writes atomically, and `newest_good_checkpoint` finds what a run can fall back
-on when its checkpoint-last.pth is broken.
+CheckpointError naming the file, the keys and shapes instead of torch's traceback. Writing and
+resuming training checkpoints is run_folder.py's.
 """
 
 import json
-import logging
-import os
 import pickle
-import re
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +17,10 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from errors import RunFailure, UserError
+from errors import UserError
 from model.mae import MaskedAutoencoderViT, build_mae
 from model.presets import DEFAULTS, PRESETS
 
-log = logging.getLogger(__name__)
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 WEIGHTS_FILE = "model.safetensors"  # an exported encoder (model.export): timm's files and the card
 CONFIG_FILE = "config.json"
@@ -76,83 +69,6 @@ def check_preset_size(model_args: dict, preset: str) -> None:
         found = ", ".join(f"{key}={have}" for key, (have, _) in differing.items())
         wanted = ", ".join(f"{key}={want}" for key, (_, want) in differing.items())
         raise ValueError(f"checkpoint is another model size ({found}) than --model {preset} ({wanted})")
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write atomically: a crash or a full disk mid-write leaves the previous file and no temp file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            kept = f"; the last good {path.name} is kept" if path.is_file() else ""
-            raise RunFailure(f"could not save {path}: {err.strerror or err}{kept}") from err
-        raise
-
-
-def check_same_model(ckpt: dict, model_args: dict[str, Any], path: str | Path) -> None:
-    """Raise a CheckpointError when the checkpoint was written by another architecture."""
-    stored = ckpt.get("model_args")
-    if stored is not None and dict(stored) != dict(model_args):
-        differ = sorted(k for k in {**stored, **model_args} if stored.get(k) != model_args.get(k))
-        shown = ", ".join(f"{k} {stored.get(k)} vs {model_args.get(k)}" for k in differ[:6])
-        raise CheckpointError(f"{path} holds another model than this run builds ({shown}); "
-                              "use the config it was trained with, or another log.run_name")
-
-
-def newest_good_checkpoint(run_dir: Path) -> Path | None:
-    """The readable checkpoint-<epoch>.pth of the highest epoch in `run_dir`, if any."""
-    numbered = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pth")
-                if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name))]
-    for _, path in sorted(numbered, reverse=True):
-        try:
-            read_checkpoint(path)
-            return path
-        except CheckpointError as err:
-            log.warning("%s", err)
-    return None
-
-
-def keep_aside(path: Path) -> Path:
-    """Keep a broken file as <name>.corrupt-<time> for inspection; returns that path.
-
-    A hard link (a copy where links are not supported): the original name stays readable for the
-    other ranks until the next save replaces it.
-    """
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        os.link(path, aside)
-    except OSError:
-        shutil.copyfile(path, aside)
-    return aside
-
-
-def read_training_checkpoint(path: Path, model_args: dict[str, Any], *, recover: bool = False,
-                             keep: bool = True) -> tuple[Path, dict]:
-    """(path, checkpoint) of a train.py checkpoint to resume a model built with `model_args`.
-
-    recover: when `path` is unreadable, continue from the newest good checkpoint-<epoch>.pth of its
-    folder instead, keeping the broken file aside (when `keep`: one rank does it) and saying so.
-    """
-    try:
-        ckpt = read_checkpoint(path)
-    except CheckpointError as err:
-        fallback = newest_good_checkpoint(path.parent) if recover else None
-        if fallback is None:
-            raise
-        if keep:
-            log.warning("%s: kept it as %s; continuing from %s", err, keep_aside(path).name, fallback.name)
-        path, ckpt = fallback, read_checkpoint(fallback)
-    missing = sorted({"optimizer", "scaler", "epoch", "step", "loader", "rng"} - set(ckpt))
-    if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
-    check_same_model(ckpt, model_args, path)
-    return path, ckpt
 
 
 def read_encoder(folder: str | Path) -> tuple[dict, dict[str, Any]]:

@@ -61,6 +61,7 @@ class FFCVLoader(BaseLoader):
         meta = json.loads(Path(f"{path}.json").read_text()) if Path(f"{path}.json").exists() else {}
         self.classes = self.classes or meta.get("classes", [])
         self.num_skipped = self.num_skipped if self.manifest else meta.get("num_skipped", 0)
+        self.data_signature = self.data_signature or meta.get("signature", "")  # a bare .beton's own
         self.num_images = Reader(str(path)).num_samples
 
         size = cfg.img_size

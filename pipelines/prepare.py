@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from errors import DataError
+
 from .manifest import Manifest, exclusive, scan
 
 log = logging.getLogger(__name__)
@@ -191,15 +193,17 @@ def write_beton(
     image = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=workers or -1)
     writer.from_indexed_dataset(_ManifestImages(manifest))
-    meta = {"classes": manifest.classes, "num_skipped": manifest.num_skipped}
+    meta = {"classes": manifest.classes, "num_skipped": manifest.num_skipped,
+            "signature": manifest.signature(), "num_images": len(manifest)}  # what `check_beton` compares
     Path(f"{out}.json").write_text(json.dumps(meta))
     os.replace(tmp, out)
     return out
 
 
 def ensure_beton(manifest: Manifest | None, ffcv_path: str | None, workers: int) -> Path:
-    """The .beton the ffcv loader reads: `ffcv_path`, else one in the data folder's cache named by the
-    manifest's signature (a changed folder gets a new file). A missing one is written from the
+    """The .beton the ffcv loader reads: `ffcv_path` (checked against the manifest's folder when there is
+    one, `check_beton`), else one in the data folder's cache named by the manifest's signature (a changed
+    folder gets a new file). A missing one is written from the
     manifest's folder by one rank at a time, in a fresh `python -m pipelines.prepare ffcv` process:
     ffcv's writer forks, which is unsafe once this process runs decoder threads (torch, DALI, numba).
     """
@@ -209,6 +213,8 @@ def ensure_beton(manifest: Manifest | None, ffcv_path: str | None, workers: int)
             raise ValueError("the ffcv loader needs `data` (a class folder) or `ffcv_path` (a .beton)")
         path = manifest.cache_dir / f"ffcv-{manifest.signature()}.beton"
     if path.exists():
+        if ffcv_path and manifest is not None:  # a cached one is named by its signature
+            check_beton(path, manifest)
         return path
     if manifest is None:
         raise FileNotFoundError(f"ffcv_path {path} does not exist and `data` is not set to write it")
@@ -216,6 +222,21 @@ def ensure_beton(manifest: Manifest | None, ffcv_path: str | None, workers: int)
         if not path.exists():
             _write_beton_in_subprocess(manifest.root, path, workers)
     return path
+
+
+def check_beton(path: Path, manifest: Manifest) -> None:
+    """Raise DataError unless the .beton was written from the manifest's folder as it is now (its
+    .json records the signature it was written with)."""
+    meta_file = Path(f"{path}.json")
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    rewrite = f"rewrite it with python -m pipelines.prepare ffcv --src {manifest.root} --out {path}"
+    if "signature" not in meta:
+        raise DataError(f"data.ffcv_path {path} cannot be checked against data.path {manifest.root}: it "
+                        f"records no data signature (no {meta_file.name} of pipelines.prepare); {rewrite}")
+    if meta["signature"] != manifest.signature():
+        raise DataError(f"data.ffcv_path {path} was written from another state of {manifest.root} "
+                        f"({meta.get('num_images', '?')} images, signature {meta['signature']}; the folder "
+                        f"now has {len(manifest)}, signature {manifest.signature()}): {rewrite}")
 
 
 def _write_beton_in_subprocess(src: Path, out: Path, workers: int) -> None:

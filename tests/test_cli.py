@@ -67,8 +67,8 @@ def test_train_help_and_print_config_answer_before_torch_loads(tmp_path):
     done = run_train("--config", "configs/demo.yaml", "--seed", "3", "train.epochs=7", "--print-config")
     assert done.returncode == 0 and "torch imported: False" in done.stderr
     (tmp_path / "resolved.yaml").write_text(done.stdout)
-    expected = to_dict(load_config(ROOT / "configs" / "demo.yaml", ["train.seed=3", "train.epochs=7",
-                                                                    "log.run_name=demo"]))  # same run folder
+    overrides = ["train.seed=3", "train.epochs=7", "log.run_name=demo-seed3"]  # the same run folder
+    expected = to_dict(load_config(ROOT / "configs" / "demo.yaml", overrides))
     assert to_dict(load_config(tmp_path / "resolved.yaml")) == {**expected, "name": "resolved"}
 
 

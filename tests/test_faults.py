@@ -28,8 +28,9 @@ from torchvision.datasets import ImageFolder
 
 import tracking
 import train
-from model.checkpoint import read_checkpoint, save_checkpoint
+from model.checkpoint import read_checkpoint
 from pipelines import LoaderConfig, build_loader, scan
+from run_folder import save_checkpoint
 
 # ffcv's numba-compiled pipelines raise a harmless KeyError in numba's finalizer at garbage collection.
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
@@ -195,7 +196,7 @@ def test_item4_resume_from_a_broken_checkpoint_is_one_line(trained, tmp_path, ca
 def test_item4_resume_with_another_model_size_is_one_line(trained, tmp_path, capsys, images):
     argv = args(images, tmp_path, "--resume", str(trained), "model.args={depth: 2, decoder_depth: 1}")
     message = fails_in_one_line(argv, capsys)
-    assert "holds another model than this run builds (depth 1 vs 2)" in message
+    assert "holds another experiment (epoch 1, step 6): model.args.depth 1 -> 2" in message
     nothing_left(tmp_path)
 
 
@@ -403,10 +404,10 @@ def test_kill_between_temp_write_and_rename_keeps_the_last_good_checkpoint(tmp_p
     path = tmp_path / "checkpoint-last.pth"
     save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
     child = ("import os, signal, torch\n"
-             "from model import checkpoint\n"
+             "import run_folder\n"
              "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-             f"checkpoint.save_checkpoint({{'model': {{'w': torch.ones(3)}}}},\n"
-             f"                           checkpoint.Path({str(path)!r}))\n")
+             f"run_folder.save_checkpoint({{'model': {{'w': torch.ones(3)}}}},\n"
+             f"                           run_folder.Path({str(path)!r}))\n")
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert (tmp_path / "checkpoint-last.pth.tmp").is_file()  # killed after the write, before the rename
