@@ -57,7 +57,7 @@ class Run:
     scheduler: CosineLRScheduler
     scaler: torch.amp.GradScaler  # active for fp16 only
     dtype: torch.dtype | None  # autocast's; None is fp32
-    tracker: tracking.Tracker  # the MLflow run: the checkpoint's, when the run continues
+    tracker: tracking.Tracker | None  # the MLflow run (the checkpoint's if it continues); None: no Report
     step: int = 0
 
 

@@ -245,11 +245,10 @@ def pretrain(mask: str, seed: int, data: dict, args: argparse.Namespace, max_ste
                                            warmup_steps=max(1, int(WARMUP_SHARE * total)),
                                            fused=device.type == "cuda")
     # the parts train_step uses; no run folder, loader or tracker: the batches come from the device
-    run = Run(cfg=cfg, folder=Path(), rank=0, world=1, device=device, model=mae, loader=None,
+    run = Run(cfg=cfg, folder=Path(), rank=0, world=1, device=device, model=mae, ddp=mae.train(), loader=None,
               micro_batch=args.batch_size, steps_per_epoch=steps_per_epoch, fingerprint="",
               optimizer=optimizer, scheduler=scheduler, dtype=autocast_dtype("auto", device),
-              scaler=torch.amp.GradScaler(device.type, enabled=False))
-    run.ddp = mae.train()
+              scaler=torch.amp.GradScaler(device.type, enabled=False), tracker=None)
     masks = MaskGenerator(mask, grid=args.img_size // mae.patch_size, mask_ratio=MASK_RATIO, seed=seed,
                           device=str(device))
     batches = training_batches(data["train_pixels"], masks, seed, args)
