@@ -207,10 +207,10 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
         tracking.resolve_uri(cfg.log.mlflow_uri, cfg.log.runs_root), cfg.log.experiment,
         run_name=folder.name, run_id=mlflow_run_id, enabled=rank == 0 and cfg.log.mlflow,
         offline_dir=folder, system_metrics=cfg.log.system_metrics,
-        tags={**tracking.standard_tags(str(Path(__file__).resolve())),
+        tags={**tracking.standard_tags(Path(__file__).name),  # a name, not this machine's path
               "loader": cfg.data.loader, "mask": cfg.mask.schedule, "world_size": world,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "runs_root": str(runs_root),  # the checkpoint is recorded relative to it: runs/ may move
+              # relative to the runs root, the store's folder: runs/ may move
               "checkpoint": str((folder / "checkpoint-last.pth").resolve().relative_to(runs_root)),
               "colormae.fingerprint": fingerprint_, "colormae.data_signature": loader.data_signature,
               **changes})

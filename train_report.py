@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import cuda_check
 import tracking
 from configs import Config, dump_config, flatten, to_dict
 from model import MaskedAutoencoderViT
-from model.export import model_card, write_encoder
+from model.export import model_card, save_mlflow_model, write_encoder
 from pipelines import Loader
 
 log = logging.getLogger("train")
@@ -77,7 +78,7 @@ class Report:
         run, cfg, t, tracker = self.run, self.run.cfg, self.run.cfg.train, self.run.tracker
         if not self.on:
             return
-        tracker.log_params({**flatten(cfg), "lr": cfg.lr, "micro_batch": run.micro_batch,
+        tracker.log_params({**run_params(run), "lr": cfg.lr, "micro_batch": run.micro_batch,
                             "world_size": run.world, "steps_per_epoch": run.steps_per_epoch})
         if tracker.enabled:
             tracker.log_text(dump_config(cfg), "config.yaml")  # reruns with --config
@@ -85,9 +86,9 @@ class Report:
             tracker.log_text("\n".join(env.pop("pip_freeze")) + "\n", "environment/pip-freeze.txt")
             tracker.log_text(json.dumps(env, indent=2) + "\n", "environment/environment.json")
             if run.loader.data_signature:  # the loader's own scan of the folder (none for a bare .beton)
-                data = Path(cfg.data.path)
-                tracker.log_dataset(data.name, str(data.resolve()), run.loader.data_signature,
-                                    run.loader.num_images)
+                data = Path(cfg.data.path).resolve()  # named by what it is: fashion-mnist/train
+                tracker.log_dataset(f"{data.parent.name}/{data.name}", relative_to_runs(data, cfg),
+                                    run.loader.data_signature, run.loader.num_images)
         if run.step == 0:
             self.log_mask_figure()
         log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d ranks), lr %.2e, "
@@ -132,10 +133,15 @@ class Report:
             card = model_card(run.model.model_args, config=to_dict(run.cfg), epoch=epochs_done,
                               step=run.step, final_loss=self.last_loss, run_id=run.tracker.run_id,
                               fingerprint=run.fingerprint)
+            params = {"architecture": card["name"], "preset": card["preset"], "epochs": epochs_done,
+                      "steps": run.step, "final_loss": self.last_loss, "mask.schedule": run.cfg.mask.schedule,
+                      "mask.ratio": run.cfg.mask.ratio}
             with tempfile.TemporaryDirectory() as tmp:
-                write_encoder(tmp, run.model.state_dict(), card)
-                run.tracker.log_model_folder(tmp, "encoder", step=run.step, tags={"epoch": epochs_done},
-                                             register_as=log_cfg.register_model if last_epoch else None)
+                encoder = write_encoder(Path(tmp) / "encoder", run.model.state_dict(), card)
+                run.tracker.log_model_folder(
+                    save_mlflow_model(encoder, Path(tmp) / "model"), "encoder", step=run.step,
+                    tags={"epoch": epochs_done}, register_as=log_cfg.register_model if last_epoch else None,
+                    params=params, description=model_description(card), model_type="encoder")
         if self.bar.disable:
             log.info("epoch %d/%d done, checkpoints in %s", epochs_done, run.cfg.train.epochs, run.folder)
 
@@ -173,11 +179,12 @@ class Report:
         if self.on and status == "FINISHED":
             print(f"\nDone. Checkpoints: {run.folder.resolve()}", flush=True)
             if run.cfg.log.mlflow:
-                print(f"MLflow store: {uri}\nOpen it with:  {tracking.ui_command(uri)}", flush=True)
+                print(f"MLflow store: {uri}\nOpen it with:  {tracking.ui_command(uri)}\nRuns table:    "
+                      f"{tracking.ui_url(uri, run.tracker.experiment_id)}", flush=True)
 
     def log_mask_figure(self) -> None:
-        """The noise.show figure (an artifact) and noise.stats statistics (metrics at step 0) of the
-        run's mask colours."""
+        """The noise.show figure and the noise.stats statistics of the run's mask colours: one table
+        (mask_stats.json, shown as a table on the run page) and the same values as params."""
         from noise.show import render
         from noise.stats import colour_statistics
 
@@ -188,8 +195,45 @@ class Report:
         render(figure, colours, grid=grid, ratio=mask.ratio, bank_path=mask.bank)
         run.tracker.log_artifact(figure, "figures")
         statistics = colour_statistics(colours, grid, mask.ratio, bank_path=mask.bank)
-        run.tracker.log_metrics({f"mask_stats/{colour}/{name}": value for colour, values in statistics.items()
-                                 for name, value in values.items()}, 0)
+        names = sorted({name for values in statistics.values() for name in values})
+        rows = [[colour, *(float(values[name]) for name in names)] for colour, values in statistics.items()]
+        run.tracker.log_table(["colour", *names], rows, "mask_stats.json")
+        run.tracker.log_params({f"mask_stats.{colour}.{name}": round(float(value), 4)
+                                for colour, values in statistics.items() for name, value in values.items()})
+
+
+PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # by autocast dtype
+PATH_PARAMS = ("data.path", "data.ffcv_path", "mask.bank")  # logged relative to the runs root
+
+
+def relative_to_runs(path: str | Path, cfg: Config) -> str:
+    """`path` relative to the runs root (the store's folder): no local absolute path on the run page."""
+    return os.path.relpath(Path(path).resolve(), Path(cfg.log.runs_root).resolve())
+
+
+def run_params(run: Run) -> dict:
+    """The resolved config as params, with what `auto` and defaults became (precision, device, run
+    name); paths relative to the runs root, and the store's own location left out."""
+    params = flatten(run.cfg)
+    for key in PATH_PARAMS:
+        if params.get(key):
+            params[key] = relative_to_runs(params[key], run.cfg)
+    del params["log.runs_root"]
+    if str(params.get("log.mlflow_uri")).startswith("sqlite:"):
+        del params["log.mlflow_uri"]
+    return {**params, "log.run_name": run.folder.name, "resolved.precision": PRECISIONS[run.dtype],
+            "resolved.device": str(run.device)}
+
+
+def model_description(card: dict) -> str:
+    """The logged encoder's description on its MLflow page."""
+    return (f"ColorMAE encoder {card['name']} ({card['preset']} preset: {card['image_size']} px images, "
+            f"patches of {card['patch_size']}), pretrained {card['epochs']} epochs ({card['steps']} steps) "
+            f"with {card['mask_schedule']} masks at ratio {card['mask_ratio']}; "
+            f"final loss {card['final_loss']}. "
+            "mlflow.pyfunc.load_model(...).predict maps float32 (N, 3, S, S) images normalised with the "
+            "metadata's mean and std to (N, D) cls features; artifacts/encoder is a timm folder "
+            "(timm.create_model('local-dir:...', pretrained=True)).")
 
 
 RECONSTRUCTION_ROWS = ("original", "masked input", "reconstruction", "reconstruction + visible")

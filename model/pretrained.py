@@ -86,7 +86,9 @@ def model_location(client, uri: str) -> str | None:
             version = client.get_model_version(*name.split("/", 1))
         else:
             return client.get_logged_model(name).artifact_location
-        return client.get_logged_model(version.model_id).artifact_location
+        if version.source.startswith("models:/"):  # registered by a logged model's id
+            return client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+        return version.source  # registered by the logged model's artifact location (tracking.records)
     run_id, _, name = uri.removeprefix("runs:/").strip("/").partition("/")
     run = client.get_run(run_id)
     models = [m for m in client.search_logged_models([run.info.experiment_id],

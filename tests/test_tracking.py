@@ -16,13 +16,13 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 import cli
 import tracking
+from tracking.store import artifact_repository
 
 
 def free_port() -> int:
@@ -38,7 +38,9 @@ def store(tmp_path_factory) -> Path:
 
 
 def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> list[str]:
-    return sorted(a.path for a in client.list_artifacts(run_id, folder))
+    """A run's artifacts under `folder`, read where the store keeps them (its served-artifacts folder)."""
+    repository = artifact_repository(client.tracking_uri, client.get_run(run_id).info.artifact_uri)
+    return sorted(a.path for a in repository.list_artifacts(folder))
 
 
 def test_sqlite_store_records_params_metrics_tags_and_artifacts(store, tmp_path):
@@ -62,7 +64,9 @@ def test_sqlite_store_records_params_metrics_tags_and_artifacts(store, tmp_path)
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [
         (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     assert artifact_paths(client, tracker.run_id, "reconstructions") == ["reconstructions/recon.png"]
-    assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/records/")  # served: names no local folder
+    served = store / "mlartifacts" / "records" / run.info.run_id / "artifacts"
+    assert (served / "reconstructions" / "recon.png").is_file()
     assert not (tmp_path / "demo" / tracking.OFFLINE_FILE).exists()
 
 
@@ -130,6 +134,9 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 def test_uri_choice_and_ui_command(tmp_path, monkeypatch):
     uri = tracking.default_tracking_uri(tmp_path)
     assert tracking.ui_command(uri) == cli.command("colormae-tracking", "ui", str(tmp_path.resolve()))
+    # the runs table in MLflow 3's view for model training (its default is the GenAI one)
+    assert tracking.ui_url(uri, "3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert tracking.ui_url("http://host:80/", "3").startswith("http://host:80/#/experiments/3?")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.resolve_uri(None, tmp_path) == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
@@ -151,7 +158,9 @@ def test_disabled_tracking_never_imports_mlflow(tmp_path):
 
 
 def test_moved_runs_folder_still_serves_artifacts_and_models(tmp_path):
-    """Copy runs/ elsewhere, delete the original, open the copy with the client, read artifacts back."""
+    """Copy runs/ elsewhere, delete the original: the plain client reads the copy, and its artifacts are
+    where `mlflow ui --artifacts-destination <copy>/mlartifacts` serves them (tests/test_mlflow_models.py
+    reads them through that server); nothing in the store is rewritten."""
     original = tmp_path / "original"
     uri = tracking.default_tracking_uri(original)
     tracker = tracking.Tracker(uri, "moved", offline_dir=tmp_path / "run")
@@ -165,15 +174,16 @@ def test_moved_runs_folder_still_serves_artifacts_and_models(tmp_path):
     shutil.rmtree(original)
 
     copy_uri = tracking.default_tracking_uri(copy)
-    client = tracking.open_client(copy_uri)
-    config = Path(client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path)))
-    assert config.read_text() == "train: {epochs: 2}\n"
-    assert client.get_run(tracker.run_id).info.artifact_uri.startswith(copy.resolve().as_uri())
+    before = (copy / "mlflow.db").read_bytes()
+    client = MlflowClient(copy_uri)  # plain MLflow
+    run = client.get_run(tracker.run_id)
+    assert run.info.artifact_uri == f"mlflow-artifacts:/moved/{tracker.run_id}/artifacts"
+    served = copy / "mlartifacts" / "moved" / tracker.run_id / "artifacts"
+    assert (served / "config.yaml").read_text() == "train: {epochs: 2}\n"
     [model] = client.search_logged_models([tracker.experiment_id])
-    weights = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/model.bin",
-                                                  dst_path=str(tmp_path / "dl"), tracking_uri=copy_uri)
-    assert Path(weights).read_bytes() == b"weights"
-    assert tracking.relocate(copy_uri) == 0  # already anchored: nothing to do
+    weights = tracking.download_artifacts(copy_uri, model.artifact_location, tmp_path / "dl") / "model.bin"
+    assert weights.read_bytes() == b"weights"
+    assert (copy / "mlflow.db").read_bytes() == before  # read, never rewritten
 
 
 def test_system_metrics_are_logged_when_switched_on(store, tmp_path, monkeypatch):
@@ -221,12 +231,12 @@ def what_was_logged(uri: str, run_id: str) -> dict:
         "tags": {k: v for k, v in run.data.tags.items() if k not in ("mlflow.runName",)},
         "metrics": {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
                     for name in run.data.metrics},
-        "artifacts": sorted(a.path for a in client.list_artifacts(run_id))
-        + sorted(a.path for a in client.list_artifacts(run_id, "environment")),
+        "artifacts": artifact_paths(client, run_id) + artifact_paths(client, run_id, "environment"),
         "datasets": [(d.dataset.name, d.dataset.digest, d.dataset.profile, d.dataset.source)
                      for d in run.inputs.dataset_inputs],
         "models": [(m.name, m.tags, [o.step for o in run.outputs.model_outputs],
-                    sorted(a.path for a in client.list_logged_model_artifacts(m.model_id))) for m in models],
+                    sorted(a.path for a in artifact_repository(uri, m.artifact_location).list_artifacts(""))
+                    ) for m in models],
     }
 
 

@@ -37,6 +37,7 @@ from configs import load_config, to_dict
 from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae, load_mae
 from pipelines import scan
+from tracking.store import artifact_repository
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.workers=0",
@@ -87,27 +88,28 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
     tags = run.data.tags
     assert [tags[k] for k in ("loader", "mask", "world_size", "device")] == ["torch", "green", "1", "cpu"]
     assert tags["checkpoint"] == "full/checkpoint-last.pth"  # relative to the runs root
-    assert tags["mlflow.source.name"] == str(ROOT / "train.py") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"  # no local path
     assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == tracking.git_commit()
     cfg = train.parse_args(args(images, runs, "train.epochs=2", "log.run_name=full"))[0]
     assert tags["colormae.fingerprint"] == fingerprint(cfg, scan(images).signature(), steps_per_epoch=6)[0]
     assert {"loss", "lr", "images_per_s", "data_wait", "step_time_s", "peak_mem_mb"} <= set(run.data.metrics)
-    mask_stats = {name: value for name, value in run.data.metrics.items() if name.startswith("mask_stats/")}
-    assert set(mask_stats) == {f"mask_stats/green/{name}" for name in noise.stats.STATISTICS}
-    assert 0.5 < mask_stats["mask_stats/green/neighbour_agreement"] < 1
+    mask_stats = {name: value for name, value in run.data.params.items() if name.startswith("mask_stats.")}
+    assert set(mask_stats) == {f"mask_stats.green.{name}" for name in noise.stats.STATISTICS}
+    assert 0.5 < float(mask_stats["mask_stats.green.neighbour_agreement"]) < 1
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
+    repository = artifact_repository(tracking.default_tracking_uri(runs), run.info.artifact_uri)
     artifacts = {a.path for folder in ("figures", "reconstructions", "environment")
-                 for a in client.list_artifacts(run.info.run_id, folder)}
+                 for a in repository.list_artifacts(folder)}
     assert artifacts == {"figures/masks.png", "reconstructions/reconstruction-epoch-0001.png",
                          "reconstructions/reconstruction-epoch-0002.png", "environment/environment.json",
                          "environment/pip-freeze.txt"}
     figure = Image.open(run_dir / "reconstruction-epoch-0002.png")
     assert figure.height == 4 * (4 * 32 + 2) + 2 and figure.width > 8 * (4 * 32 + 2)  # 4 labelled rows of 8
-    env = json.loads(Path(client.download_artifacts(run.info.run_id, "environment/environment.json",
-                                                    str(run_dir))).read_text())
+    env = Path(repository.download_artifacts("environment/environment.json", str(run_dir)))
+    env = json.loads(env.read_text())
     assert env["torch"] == torch.__version__ and "ffcv" in env["loader_libraries"]
 
-    config = client.download_artifacts(run.info.run_id, "config.yaml", str(run_dir))  # reruns as is
+    config = repository.download_artifacts("config.yaml", str(run_dir))  # reruns as is
     assert to_dict(load_config(config)) | {"name": ""} == to_dict(train.parse_args(
         args(images, runs, "train.epochs=2", "log.run_name=full"))[0]) | {"name": ""}
     [dataset] = run.inputs.dataset_inputs
@@ -115,9 +117,10 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
     assert json.loads(dataset.dataset.profile) == {"num_images": 48}
     [encoder] = client.search_logged_models([run.info.experiment_id],
                                             filter_string=f"source_run_id = '{run.info.run_id}'")
-    exported = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=encoder.artifact_location, dst_path=str(run_dir / "encoder"),
-        tracking_uri=tracking.default_tracking_uri(runs)))
+    mlflow_model = tracking.download_artifacts(tracking.default_tracking_uri(runs), encoder.artifact_location,
+                                               run_dir / "encoder")
+    assert mlflow.pyfunc.load_model(str(mlflow_model)).metadata.metadata["input_size"] == [3, 32, 32]
+    exported = mlflow_model / "artifacts" / "encoder"  # the timm folder inside the MLflow model
     card = json.loads((exported / "model-card.json").read_text())
     assert (card["steps"], card["images_seen"], card["pretraining_run_id"]) == (12, 96, run.info.run_id)
     assert card["fingerprint"] == tags["colormae.fingerprint"]
@@ -414,9 +417,10 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
         assert recon == {f"reconstructions/reconstruction-epoch-000{e}.png" for e in (1, 2, 3)}
         [encoder] = client.search_logged_models([run.info.experiment_id],  # logged offline, synced as such
                                                 filter_string=f"source_run_id = '{run_id}'")
-        files = {a.path for a in client.list_logged_model_artifacts(encoder.model_id)}
-        assert encoder.name == "encoder"
-        assert files == {"config.json", "model.safetensors", "model-card.json", "README.md"}
+        files = {a.path for a in client.list_logged_model_artifacts(encoder.model_id, "artifacts/encoder")}
+        assert encoder.name == "encoder" and encoder.params["preset"] == "demo"  # an MLflow model around
+        assert files == {f"artifacts/encoder/{name}" for name in ("config.json", "model.safetensors",
+                                                                  "model-card.json", "README.md")}
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)

@@ -9,8 +9,9 @@ in `offline_dir` (files copied there too) and says how to replay them with the s
     colormae-tracking sync runs/demo --mlflow-uri http://127.0.0.1:5000   # or: python -m tracking sync ...
 
 Credentials the server refuses (HTTP 401/403) are the user's input, not a dead server: the tracker
-raises CredentialsRefused before any training step. To browse a runs folder's SQLite store (its
-artifact locations re-anchored first, so runs/ may be moved or copied):
+raises CredentialsRefused before any training step. A runs folder's SQLite store records its
+artifacts under MLflow's served-artifacts scheme (no local path: runs/ may be moved or copied); to
+browse it with plain `mlflow ui` (the command and the runs tables' addresses are printed first):
 
     colormae-tracking ui runs
 
@@ -25,14 +26,16 @@ from tracking.records import OFFLINE_FILE, apply, open_run
 from tracking.store import (
     CredentialsRefused,
     default_tracking_uri,
+    download_artifacts,
     open_client,
-    relocate,
     resolve_uri,
     ui_command,
+    ui_url,
 )
 from tracking.sync import RUN_ID_FILE, sync
 from tracking.tracker import Tracker
 
 __all__ = ["OFFLINE_FILE", "RUN_ID_FILE", "CredentialsRefused", "LogConfig", "Tracker", "apply",
-           "default_tracking_uri", "environment", "git_commit", "nvidia_smi", "open_client", "open_run",
-           "relocate", "resolve_uri", "standard_tags", "sync", "ui_command", "user_name"]
+           "default_tracking_uri", "download_artifacts", "environment", "git_commit", "nvidia_smi",
+           "open_client", "open_run", "resolve_uri", "standard_tags", "sync", "ui_command", "ui_url",
+           "user_name"]

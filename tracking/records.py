@@ -8,9 +8,10 @@ for each "start" record, `apply` for the rest). A new kind of logged item is one
     {"op": "params", "params": {name: str}}
     {"op": "metrics", "metrics": {name: float}, "step": int, "timestamp": ms}
     {"op": "tags", "tags": {name: str}}
-    {"op": "artifact", "path": file, "artifact_path": folder | None}
+    {"op": "artifact", "path": file, "artifact_path": folder | None, "table": bool (optional)}
     {"op": "dataset", "name", "source", "digest", "num_images": int, "context"}
-    {"op": "model", "path": folder, "name", "step": int, "tags": {name: str}, "register_as": str | None}
+    {"op": "model", "path": folder, "name", "step": int, "tags": {name: str}, "register_as": str | None,
+     "params": {name: str}, "description": str, "model_type": str}    (the last three optional)
     {"op": "end", "status": "FINISHED" | "FAILED" | "KILLED"}
 """
 
@@ -20,11 +21,14 @@ import json
 import logging
 from pathlib import Path
 
-from tracking.store import artifact_location
+from tracking.store import artifact_location, artifact_repository
 
 log = logging.getLogger("tracking")
 OFFLINE_FILE = "mlflow-offline.jsonl"
 FILE_OPS = ("artifact", "model")  # records whose "path" names a file or folder to upload
+# An experiment of model training: MLflow 3's UI shows it as a runs table, not a GenAI agent's traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # which artifacts are tables (MlflowClient.log_table's)
 
 
 def open_run(client, uri: str, experiment: str, *, run_name: str | None, tags: dict[str, str],
@@ -37,7 +41,7 @@ def open_run(client, uri: str, experiment: str, *, run_name: str | None, tags: d
         return run_id, client.get_run(run_id).info.experiment_id
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=artifact_location(uri))
+        experiment, artifact_location=artifact_location(uri, experiment), tags=EXPERIMENT_TAGS)
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id, experiment_id
 
 
@@ -62,7 +66,15 @@ def apply(client, run_id: str, record: dict, root: Path = Path()) -> str | None:
     elif op == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
     elif op == "artifact":
-        client.log_artifact(run_id, str(root / record["path"]), record["artifact_path"])
+        run = client.get_run(run_id)
+        artifact_repository(client.tracking_uri, run.info.artifact_uri).log_artifact(
+            str(root / record["path"]), record["artifact_path"])
+        if record.get("table"):  # a JSON table in pandas' split layout: the UI shows it as a table
+            path = "/".join(filter(None, (record["artifact_path"], Path(record["path"]).name)))
+            table = {"path": path, "type": "table"}
+            tables = json.loads(run.data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+            if table not in tables:
+                client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, json.dumps([*tables, table]))
     elif op == "dataset":
         client.log_inputs(run_id, datasets=[_dataset_input(record)])
     elif op == "model":
@@ -85,13 +97,23 @@ def _dataset_input(record: dict):
 
 
 def _log_model(client, run_id: str, record: dict, root: Path) -> str:
-    """The folder as a logged model of the run (the Logged models field), registered if asked."""
+    """The folder, an MLflow model, as a logged model of the run (the Logged models field) with its
+    params and description; its MLmodel file names the logged model and the run. Registered if asked."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
 
     experiment_id = client.get_run(run_id).info.experiment_id
-    model = client.create_logged_model(experiment_id, name=record["name"], source_run_id=run_id,
-                                       tags=record["tags"])
-    client.log_model_artifacts(model.model_id, str(root / record["path"]))
+    description = {"mlflow.note.content": record["description"]} if record.get("description") else {}
+    tags = {**record["tags"], **description}
+    model = client.create_logged_model(experiment_id, name=record["name"], source_run_id=run_id, tags=tags,
+                                       params=record.get("params"), model_type=record.get("model_type"))
+    folder = root / record["path"]
+    if (folder / "MLmodel").is_file():
+        mlmodel = Model.load(str(folder / "MLmodel"))
+        mlmodel.model_id = mlmodel.model_uuid = model.model_id
+        mlmodel.run_id, mlmodel.artifact_path = run_id, model.artifact_location
+        mlmodel.save(str(folder / "MLmodel"))
+    artifact_repository(client.tracking_uri, model.artifact_location).log_artifacts(str(folder))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, record["step"])])
     if record["register_as"]:

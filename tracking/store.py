@@ -1,16 +1,20 @@
 """Where runs are recorded: tracking URIs, the embedded SQLite store, and what a store's error means.
 
-A SQLite store keeps its artifacts in mlartifacts/ beside mlflow.db. MLflow records them by
-absolute path, so whenever a client opens such a store the paths are first re-anchored at the
-database's own folder (`relocate`): runs/ can be moved or copied.
+A SQLite store keeps its artifacts in mlartifacts/ beside mlflow.db, under MLflow's served-artifacts
+scheme: the store records `mlflow-artifacts:/<experiment>/...`, never a local path, so runs/ can be
+moved or copied and plain `mlflow ui --backend-store-uri sqlite:///<runs>/mlflow.db
+--artifacts-destination <runs>/mlartifacts` (what `ui_command` prints) serves it, as does
+`mlflow server` to any MLflow client. This project's own code reads and writes that folder directly
+(`artifact_repository`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sqlite3
+import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 from errors import RunFailure, UserError
 
@@ -24,10 +28,7 @@ for _name, _value in (
 
 log = logging.getLogger("tracking")
 ARTIFACTS_DIR = "mlartifacts"
-# Columns of an MLflow SQLite store that hold artifact locations (re-anchored by `relocate`).
-_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
-                     ("model_versions", "source"))
+ML_VIEW = "workflowType=machine_learning"  # the UI's runs table (MLflow 3 opens GenAI views otherwise)
 
 
 class CredentialsRefused(UserError):
@@ -55,45 +56,58 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a SQLite store go to mlartifacts/ beside the database; a server decides its own."""
+def ui_url(uri: str, experiment_id: str | None = None, port: int = 5000) -> str:
+    """The address of an experiment's runs table (or of the experiment list) in MLflow's UI, in its
+    view for model training: on the server `uri` names, else on a local `mlflow ui` at `port`."""
+    base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments{f'/{experiment_id}' if experiment_id else ''}?{ML_VIEW}"
+
+
+def mlflow_ui_args(runs_root: str | Path, port: int = 5000) -> list[str]:
+    """Plain `mlflow ui` on a runs folder's SQLite store and its served artifacts."""
+    root = Path(runs_root).resolve()
+    return ["mlflow", "ui", "--backend-store-uri", default_tracking_uri(root), "--artifacts-destination",
+            str(root / ARTIFACTS_DIR), "--port", str(port)]
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """A new experiment's artifact location: for a SQLite store MLflow's served-artifacts scheme,
+    `mlflow-artifacts:/<experiment>`, which names no folder (see `artifact_repository`); a server
+    decides its own (None)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).resolve().as_uri()
+        return f"mlflow-artifacts:/{re.sub(r'[^A-Za-z0-9._-]+', '_', experiment)}"
     return None
 
 
-def relocate(uri: str) -> int:
-    """Point a moved or copied SQLite store's artifact locations at its own mlartifacts/ folder.
+def artifacts_root(uri: str) -> Path:
+    """Where a SQLite store's served artifacts live: mlartifacts/ beside mlflow.db."""
+    return Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR
 
-    Locations written for another mlartifacts/ folder (the store's old place) get this folder's
-    prefix; anything else (a server's store, other artifact roots) is left alone. Returns the
-    number of experiments re-anchored.
-    """
-    root = artifact_location(uri)
-    database = Path(uri.removeprefix("sqlite:///"))
-    if root is None or not database.is_file():
-        return 0
-    with sqlite3.connect(database) as db:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "experiments" not in tables:
-            return 0
-        old_roots = {loc for (loc,) in db.execute("SELECT artifact_location FROM experiments")
-                     if loc.startswith("file://") and loc.endswith("/" + ARTIFACTS_DIR) and loc != root}
-        for old in old_roots:
-            for table, column in _ARTIFACT_COLUMNS:
-                if table in tables:
-                    db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                               f"WHERE substr({column}, 1, ?) = ?", (root, len(old) + 1, len(old), old))
-    if old_roots:
-        log.info("tracking: %s moved; its artifact locations now point at %s", database, root)
-    return len(old_roots)
+
+def artifact_repository(uri: str, artifact_uri: str):
+    """MLflow's artifact repository for `artifact_uri` of the store at `uri`. A SQLite store's
+    `mlflow-artifacts:/X` is the folder `mlartifacts/X` beside it, the folder `mlflow ui
+    --artifacts-destination <runs>/mlartifacts` serves; other URIs go to MLflow's own repositories."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    if uri.startswith("sqlite:///") and artifact_uri.startswith("mlflow-artifacts:"):
+        path = urlparse(artifact_uri).path.lstrip("/")
+        return LocalArtifactRepository(str(artifacts_root(uri) / path))
+    return get_artifact_repository(artifact_uri, tracking_uri=uri)
+
+
+def download_artifacts(uri: str, artifact_uri: str, dst: str | Path) -> Path:
+    """Download the artifacts under `artifact_uri` of the store at `uri` into `dst` (made if missing);
+    returns the folder."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(artifact_repository(uri, artifact_uri).download_artifacts("", str(dst)))
 
 
 def open_client(uri: str):
-    """An MlflowClient for `uri`; a SQLite store is re-anchored first (see `relocate`)."""
+    """An MlflowClient for `uri`."""
     from mlflow import MlflowClient
 
-    relocate(uri)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -88,13 +88,27 @@ class Tracker:
         self._log({"op": "dataset", "name": name, "source": str(source), "digest": digest,
                    "num_images": int(num_images), "context": context})
 
+    def log_table(self, columns: list[str], rows: list[list], artifact_file: str) -> None:
+        """Save a table as the JSON artifact `artifact_file` (pandas' split layout, as
+        MlflowClient.log_table writes it): the run page shows it as a table."""
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(json.dumps({"columns": columns, "data": rows}) + "\n")
+            parent = str(Path(artifact_file).parent) if "/" in artifact_file else None
+            self._log({"op": "artifact", "path": str(path), "artifact_path": parent, "table": True})
+
     def log_model_folder(self, folder: str | Path, name: str, *, step: int, tags: dict | None = None,
-                         register_as: str | None = None) -> str | None:
-        """Log `folder` as an MLflow logged model of this run (the Logged models field); returns its id
-        (None offline: the sync logs the kept copy). register_as: also create a version of that
-        registered model."""
+                         register_as: str | None = None, params: dict | None = None,
+                         description: str | None = None, model_type: str | None = None) -> str | None:
+        """Log `folder` (an MLflow model) as a logged model of this run (the Logged models field), with
+        `params` and a `description` on its page; returns its id (None offline: the sync logs the
+        kept copy). register_as: also create a version of that registered model."""
         return self._log({"op": "model", "path": str(folder), "name": name, "step": int(step),
-                          "tags": {k: str(v) for k, v in (tags or {}).items()}, "register_as": register_as})
+                          "tags": {k: str(v) for k, v in (tags or {}).items()}, "register_as": register_as,
+                          "params": {k: str(v) for k, v in (params or {}).items()},
+                          "description": description, "model_type": model_type})
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED); offline, print how to sync. Never raises (it runs
