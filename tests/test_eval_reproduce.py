@@ -95,6 +95,7 @@ def test_tiny_budget_writes_report_and_json(tmp_path):
     budget = ["--train-images", "128", "--test-images", "64", "--batch-size", "32", "--seg-train", "16",
               "--seg-test", "8", "--probe-epochs", "1", "--finetune-images", "32", "--finetune-epochs", "1",
               "--model-args", "embed_dim=48,depth=1,decoder_embed_dim=32,decoder_depth=1"]
+    (tmp_path / "results.md").write_text(f"old table\n{reproduce.report.KEPT_HEADING}\nhand-written\n")
     result = reproduce.main(["--quick", "--masks", "random,green", "--seeds", "0", *budget, "--device", "cpu",
                              "--out", str(tmp_path / "results.md"), "--json", str(tmp_path / "runs.json")])
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
@@ -105,6 +106,7 @@ def test_tiny_budget_writes_report_and_json(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| random |" in report and "| green |" in report and "| untrained |" in report
     assert "raw pixels" in report and "A wiring check, not a result" in report
+    assert "old table" not in report and report.endswith(f"\n{reproduce.report.KEPT_HEADING}\nhand-written\n")
     link = report.split("calibrated table is [docs/results.md](")[1].split(")")[0]
     assert (tmp_path / link).resolve() == reproduce.report.CALIBRATED_PAGE  # the quick page links the table
     assert "-m eval.reproduce --quick" in report and "Hardware: CPU" in report
