@@ -11,7 +11,16 @@
 #     MLFLOW_AUTH_DATABASE_URI    user store (default sqlite:///<artifacts>/../basic_auth.db)
 #     MLFLOW_AUTH_DEFAULT_PERMISSION  what users get on others' experiments (default READ)
 #   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers the server answers (read by mlflow itself)
+#
+#   mlflow-server health          exit 0 when the running server answers /health (the image's HEALTHCHECK)
 set -eu
+
+if [ "${1:-}" = health ]; then
+  host="${MLFLOW_HOST:-0.0.0.0}"
+  case "$host" in 0.0.0.0 | :: | "") host=127.0.0.1 ;; esac
+  exec python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+    "http://$host:${MLFLOW_PORT:-5000}/health"
+fi
 
 : "${MLFLOW_BACKEND_STORE_URI:?must be set, e.g. postgresql://mlflow:PASSWORD@postgres:5432/mlflow}"
 artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-/mlflow/artifacts}"

@@ -65,10 +65,12 @@ pip_install() {
   "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 pip_install --upgrade pip
+# The project (and ffcv) are built without isolation: their build tools come first.
+build_tools=(setuptools==84.2.1 wheel==0.48.0)
 if [ "$rank" -ge 2 ]; then
-  # ffcv's build needs numpy, Cython and pkgconfig present; it is built without isolation.
-  pip_install "$(grep '^numpy==' requirements.txt)" cython pkgconfig setuptools wheel
+  build_tools+=("$(grep '^numpy==' requirements.txt)" cython==3.3.1 pkgconfig==1.6.0)  # ffcv's build
 fi
+pip_install "${build_tools[@]}"
 pip_install --no-build-isolation -r "$requirements"
 # The project itself, editable: its packages, modules and console commands (colormae-*) work from
 # any folder, no sys.path edits.

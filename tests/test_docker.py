@@ -62,10 +62,34 @@ def test_hadolint_reports_a_bad_dockerfile(tmp_path):
 
 def test_dependencies_are_installed_before_the_code_is_copied():
     lines = [line.strip() for line in (DOCKER / "Dockerfile").read_text().splitlines()]
-    requirements = next(i for i, line in enumerate(lines) if "-r /tmp/requirements.txt" in line)
+    requirements = next(i for i, line in enumerate(lines) if "-r /tmp/requirements-loaders.txt" in line)
     code = lines.index("COPY . /app")
-    assert lines.index("COPY requirements.txt /tmp/requirements.txt") < requirements < code
+    assert lines.index("COPY requirements.txt requirements-loaders.txt /tmp/") < requirements < code
     assert "USER 1000:1000" in lines[code:]
+
+
+def stages() -> dict[str, str]:
+    """The Dockerfile's stages by name: the text from each `FROM ... AS name` to the next."""
+    parts = re.split(r"^FROM \S+ AS (\w+)$", (DOCKER / "Dockerfile").read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_compilers_and_headers_stay_in_the_builder_stage():
+    found = stages()
+    assert list(found)[-1] == "trainer" and "builder" in found
+    assert "build-essential" in found["builder"] and "libopencv-dev" in found["builder"]
+    for name in ("python", "mlflow", "trainer"):
+        installs = " ".join(re.findall(r"--no-install-recommends \\\n(.*?)\\\n", found[name], re.S))
+        assert not re.search(r"build-essential|gcc|g\+\+|clang|-dev\b", installs), f"{name}: {installs}"
+    assert "from=builder" in found["trainer"]  # ffcv comes as the builder's wheel
+
+
+def test_both_images_carry_the_oci_labels_and_the_server_a_healthcheck():
+    found = stages()
+    for name in ("mlflow", "trainer"):
+        for label in ("source", "revision", "version", "created"):
+            assert f"org.opencontainers.image.{label}=$" in found[name], f"{name}: no {label} label"
+    assert "HEALTHCHECK" in found["mlflow"]
 
 
 def test_dockerignore_keeps_data_runs_and_environments_out():

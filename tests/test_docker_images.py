@@ -9,11 +9,13 @@ where no engine answers or the tests do not run as root (they hand folders to ui
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,9 @@ UID = 1000  # the images' user
 DEMO = ["--config", "configs/demo.yaml", "data.path=/data", "data.workers=0", "train.batch_size=4",
         "train.warmup_epochs=0", "train.steps_per_epoch=4", "log.every_steps=1", "log.run_name=demo"]
 ENV = {**os.environ, "DOCKER_BUILDKIT": "1"}
+# What the OCI labels say (docker/README.md passes the real commit, date and repository).
+LABELS = {"GIT_COMMIT": "0123456789abcdef-test", "CREATED": "2026-01-02T03:04:05Z",
+          "SOURCE": "https://example.org/colormae.git"}
 
 
 def docker_client() -> tuple[str | None, str]:
@@ -85,8 +90,10 @@ def images() -> dict[str, str]:
         subprocess.run(["bash", str(ROOT / "docker" / "local-base.sh")], check=True, timeout=900)
     secret = ["--secret", f"id=ca_bundle,src={CA_BUNDLE}"] if CA_BUNDLE.is_file() else []
     for target, tag in TAG.items():
+        labels = [f"--build-arg={key}={value}" for key, value in LABELS.items()]
         docker("build", "--network", "host", "-f", "docker/Dockerfile", "--target", target,
-               "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *secret, "-t", tag, str(ROOT), timeout=3000)
+               "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *labels, *secret, "-t", tag, str(ROOT),
+               timeout=3000)
     docker("image", "prune", "--force", "--filter", "label=colormae.target")  # earlier builds' leftovers
     return TAG
 
@@ -100,6 +107,25 @@ def test_both_images_build_and_run_as_uid_1000_without_the_ca_bundle(images):
     versions = docker("run", "--rm", "--network", "none", images["trainer"], "python", "-c",
                       "import sys, torch, ffcv.libffcv; print(sys.version_info[:2], torch.__version__)")
     assert versions.stdout.split() == ["(3,", "11)", torch.__version__]
+
+
+def test_labels_say_what_each_image_is_and_the_trainer_holds_no_compiler(images):
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for tag in images.values():
+        labels = json.loads(docker("image", "inspect", "--format", "{{json .Config.Labels}}", tag).stdout)
+        oci = {key.removeprefix("org.opencontainers.image."): value for key, value in labels.items()}
+        assert {key: oci[key] for key in ("revision", "created", "source", "version")} == {
+            "revision": LABELS["GIT_COMMIT"], "created": LABELS["CREATED"], "source": LABELS["SOURCE"],
+            "version": version}
+    health = docker("image", "inspect", "--format", "{{json .Config.Healthcheck}}", images["mlflow"]).stdout
+    assert "mlflow-server" in health and "health" in health
+    found = docker("run", "--rm", "--network=none", "--entrypoint=sh", images["trainer"], "-c",
+                   "command -v gcc cc g++ c++ clang make; ls /usr/include/python3* /usr/include/opencv4 "
+                   "2>/dev/null; true").stdout
+    assert found == "", f"the trainer keeps build tools or headers: {found}"
+    hints = docker("run", "--rm", "--network=none", "--workdir=/tmp", "--entrypoint=colormae-train",
+                   images["trainer"], "--config", "demo.yaml", "--print-config").stdout
+    assert "preset: demo" in hints  # the console commands and the shipped configs, from any folder
 
 
 @pytest.fixture
@@ -232,3 +258,8 @@ def test_trainer_container_logs_to_the_mlflow_container_with_basic_auth(
     assert steps == [1, 2, 3, 4]
     assert {item.path for item in client.list_artifacts(run.info.run_id, "figures")} == {"figures/masks.png"}
     assert not (runs / "mlflow.db").exists(), "the run went to the local store, not the server"
+    server = next(name for name in containers if "mlflow" in name)
+    deadline = time.monotonic() + 120  # the image's own HEALTHCHECK finds the server healthy
+    while (health := docker("inspect", "-f", "{{.State.Health.Status}}", server).stdout.strip()) != "healthy":
+        assert health == "starting" and time.monotonic() < deadline, f"health: {health}"
+        time.sleep(2)
