@@ -148,12 +148,24 @@ def test_printed_address_opens_the_runs_table_in_a_browser(moved, server, tmp_pa
     port = int(server.rsplit(":", 1)[1])
     pages = {"experiment": ui_url(f"sqlite:///{runs}/mlflow.db", run.info.experiment_id, port),
              "run": f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{ML_VIEW}"}
-    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
-               "--virtual-time-budget=15000"]
     for name, url in pages.items():
-        subprocess.run([*browser, f"--screenshot={tmp_path / name}.png", url], capture_output=True,
-                       timeout=300)
-        assert (tmp_path / f"{name}.png").stat().st_size > 20_000, name  # a drawn page, not a blank one
-    dom = subprocess.run([*browser, "--dump-dom", pages["experiment"]], capture_output=True, text=True,
-                         timeout=300).stdout
+        for budget in BROWSER_BUDGETS_MS:  # a loaded machine may still show the page's skeleton
+            browse(url, budget, f"--screenshot={tmp_path / name}.png")
+            if (tmp_path / f"{name}.png").stat().st_size > 20_000:  # a drawn page, not a skeleton
+                break
+        assert (tmp_path / f"{name}.png").stat().st_size > 20_000, name
+    for budget in BROWSER_BUDGETS_MS:
+        dom = browse(pages["experiment"], budget, "--dump-dom")
+        if ">demo<" in dom:
+            break
     assert "Run Name" in dom and ">demo<" in dom  # the runs table, with this run
+
+
+BROWSER_BUDGETS_MS = (15_000, 60_000)
+
+
+def browse(url: str, budget_ms: int, *args: str) -> str:
+    """Headless Chromium on `url` after `budget_ms` of the page's (virtual) time: its stdout."""
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+               f"--virtual-time-budget={budget_ms}", *args, url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600).stdout
