@@ -3,7 +3,8 @@ PY := .venv/bin/python
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup setup-gpu setup-test train test lint masks bench bench-masks bench-loaders bench-train gpu-check reproduce compare clean
+.PHONY: setup setup-gpu setup-test train test lint masks bench bench-masks bench-loaders bench-train gpu-check \
+	gpu-wheels gpu-rehearsal reproduce compare clean
 
 # Each command installs what it needs (scripts/setup.sh names the Debian packages when not root).
 setup:
@@ -41,10 +42,19 @@ bench-train: setup
 	$(PY) -m bench.train_step --json $(RUNS)/bench/train_step.json
 
 # On a GPU node, with whatever Python environment is active (no set-up, nothing fetched):
-#   make gpu-check ARGS="--write-docs --wheels /mnt/wheels"      (the CPU twin: ARGS=--smoke)
+#   make gpu-check ARGS="--write-docs --wheels gpu-wheels"      (the CPU twin: ARGS=--smoke)
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
+
+# What travels to a bare GPU image: omegaconf's wheel, for Python 3.12 (pure Python), in gpu-wheels/.
+gpu-wheels:
+	@bash scripts/gpu_rehearsal.sh wheels
+
+# The GPU check's CPU twin in a virtual environment of exactly a bare GPU image's packages
+# (requirements-gpu-image.txt; built once, cached in ~/.cache/colormae), with gpu-wheels/.
+gpu-rehearsal:
+	@bash scripts/gpu_rehearsal.sh
 
 reproduce: setup
 	$(PY) -m eval.reproduce --quick --out $(RUNS)/reproduce-quick.md --json $(RUNS)/reproduce-quick.json

@@ -5,9 +5,9 @@
     torchrun --nproc-per-node 8 train.py --config configs/vit_base_green_800ep.yaml
 
 A run lives in <log.runs_root>/<log.run_name>: checkpoint-last.pth (every epoch and on SIGTERM or
-SIGUSR1), checkpoint-<epoch>.pth (every train.checkpoint_every epochs) and the figures. The same
-command again (or --resume PATH) continues exactly where the run stopped; a changed setting or
-changed data does not (run_folder.py: a run folder holds one experiment).
+SIGUSR1), checkpoint-<epoch>.pth (every train.checkpoint_every epochs; 0: no checkpoint files), the
+figures and summary.json. The same command again (or --resume PATH) continues exactly where the run
+stopped; a changed setting or changed data does not (run_folder.py: a run folder holds one experiment).
 
 Read from `main` up: `build(cfg)` makes the parts of a run (a `Run`), `train(run)` is the epoch / step
 loop and `train_step` one optimiser step; what is logged, and when, is train_report.py's `Report`.
@@ -101,13 +101,10 @@ from configs.config import TrainConfig
 from configs.fingerprint import fingerprint
 from model import MaskedAutoencoderViT, build_mae
 from pipelines import Loader, LoaderConfig, build_loader, scan
-from train_report import Report, Run, reconstruction_grid  # noqa: F401 (train.reconstruction_grid stays public)
+from train_report import NonFiniteLoss, Report, Run, reconstruction_grid  # noqa: F401 (stay public here)
 
 log = logging.getLogger("train")
 
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops before the optimiser step."""
 
 
 def init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -266,11 +263,13 @@ def save(run: Run, name: str) -> None:
             run.folder / name)
 
 
-def train_step(run: Run, batches: Iterator[dict]) -> dict[str, float]:
+def train_step(run: Run, batches: Iterator[dict]) -> dict:
     """One optimiser step over train.accum_steps micro-batches -> its metrics: the loss (mean over the
-    micro-batches and ranks), its seconds and those spent waiting for data. A NaN or infinite loss
-    raises NonFiniteLoss on every rank, before the optimiser step."""
+    micro-batches and ranks, a tensor left on the device: `Report.flush` reads a window of them at
+    once and stops at a non-finite one), its seconds and those spent waiting for data. Nothing here
+    waits for the device (fp16's GradScaler and several ranks' stop check aside)."""
     t, start, wait = run.cfg.train, time.perf_counter(), 0.0
+    num_visible = run.model.visible_count(run.cfg.mask.ratio)  # K, static: no host read in the forward
     loss_sum = torch.zeros((), device=run.device)
     run.scheduler.step_update(run.step)
     for micro in range(t.accum_steps):
@@ -281,15 +280,12 @@ def train_step(run: Run, batches: Iterator[dict]) -> dict[str, float]:
         last = micro == t.accum_steps - 1  # DDP all-reduces the gradients on the last micro-batch only
         with run.ddp.no_sync() if run.world > 1 and not last else nullcontext(), \
                 torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None):
-            loss = run.ddp(images, mask)[0]
+            loss = run.ddp(images, mask, mask_ratio=run.cfg.mask.ratio, num_visible=num_visible)[0]
         run.scaler.scale(loss / t.accum_steps).backward()
         loss_sum += loss.detach().float()
-    mean_loss = loss_sum / t.accum_steps
+    mean_loss = loss_sum / (t.accum_steps * run.world)
     if run.world > 1:
         dist.all_reduce(mean_loss)
-    loss = mean_loss.item() / run.world
-    if not np.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1}")
     if t.clip_grad:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
@@ -297,7 +293,7 @@ def train_step(run: Run, batches: Iterator[dict]) -> dict[str, float]:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"loss": loss, "step_s": time.perf_counter() - start, "data_wait_s": wait}
+    return {"loss": mean_loss, "step_s": time.perf_counter() - start, "data_wait_s": wait}
 
 
 @contextmanager
@@ -338,10 +334,13 @@ def train(run: Run) -> MaskedAutoencoderViT:
                 while run.step < epoch_end and not stopped:
                     report.step(train_step(run, batches), epoch)
                     stopped = stop_requested()
-                save(run, "checkpoint-last.pth")  # after a stop mid-epoch, the resume continues inside it
-                if run.step == epoch_end:
-                    if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
+                report.flush()  # a non-finite loss since the last window stops the run before the save
+                if t.checkpoint_every:  # 0: no checkpoint files (benchmarks)
+                    save(run, "checkpoint-last.pth")  # after a stop mid-epoch, the resume continues inside it
+                    due = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
+                    if run.step == epoch_end and due:
                         save(run, f"checkpoint-{epoch + 1}.pth")
+                if run.step == epoch_end:
                     report.end_epoch(epoch + 1)
                 if stopped:
                     break
@@ -395,7 +394,7 @@ def main(argv: list[str] | None = None) -> nn.Module | None:
     except NonFiniteLoss as err:
         last = run_folder.path(cfg) / "checkpoint-last.pth"
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
-        raise SystemExit(f"error: {err}: stopped before the optimiser step; {kept}. Try a lower "
+        raise SystemExit(f"error: {err}: stopped before the next checkpoint; {kept}. Try a lower "
                          "train.base_lr, train.clip_grad=1.0 or train.precision=fp32, then resume.") from err
     finally:
         if dist.is_initialized():

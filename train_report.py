@@ -3,22 +3,27 @@ logging decision of train.py's loop in one place.
 
 `Report` takes them on rank 0 (the other ranks log nothing): the run's params and provenance, the
 metrics of each window of log.every_steps steps (and of the epoch's or run's last steps), the progress
-bar on a terminal or else console lines, the mask and reconstruction figures, the encoder exports.
+bar on a terminal or else console lines, the mask and reconstruction figures, the encoder exports, and
+summary.json in the run folder. On every rank it reads each window's losses on the host in one transfer
+and stops the run at a non-finite one (`NonFiniteLoss`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import resource
+import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -37,6 +42,11 @@ from model.export import model_card, save_mlflow_model, write_encoder
 from pipelines import Loader
 
 log = logging.getLogger("train")
+SUMMARY_FILE = "summary.json"  # the run's end-to-end figures (Report.write_summary)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops before its next checkpoint."""
 
 
 @dataclass
@@ -70,7 +80,9 @@ class Report:
         self.bar = tqdm(total=run.cfg.train.epochs * run.steps_per_epoch, initial=run.step, unit="step",
                         disable=not (self.on and sys.stderr.isatty()))
         self.window: list[dict[str, float]] = []  # the metrics of the steps since the last flush
+        self.window_start = 0.0  # perf_counter() when the window's first step started
         self.last_loss: float | None = None  # mean loss of the last flushed window: the model card's
+        self.rates: list[tuple[float, float]] = []  # (images/s, data-wait share) of each flushed window
         self.sample: tuple | None = None  # (images, mask) shown by every reconstruction figure
 
     def start(self) -> None:
@@ -105,15 +117,17 @@ class Report:
                 self.sample = (images.clone(), None if mask is None else mask[:8].clone())
             yield batch
 
-    def step(self, metrics: dict[str, float], epoch: int) -> None:
-        """After each optimiser step: the progress bar; the metrics every log.every_steps steps."""
-        if not self.on:
-            return
+    def step(self, metrics: dict, epoch: int) -> None:
+        """After each optimiser step, on every rank: `metrics` joins the window (its loss stays on the
+        device); the progress bar moves; every log.every_steps steps the window is flushed."""
+        if not self.window:  # the window's clock starts with its first step
+            self.window_start = time.perf_counter() - metrics["step_s"]
         self.window.append(metrics)
-        images_per_s = self.run.cfg.train.batch_size / metrics["step_s"]
-        self.bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}",
-                             refresh=False)
-        self.bar.update()
+        if self.on:
+            images_per_s = self.run.cfg.train.batch_size / metrics["step_s"]
+            self.bar.set_postfix(epoch=epoch, loss=f"{self.last_loss:.4f}" if self.last_loss else "-",
+                                 img_s=f"{images_per_s:.0f}", refresh=False)
+            self.bar.update()
         if self.run.step % self.run.cfg.log.every_steps == 0:
             self.flush()
 
@@ -146,32 +160,58 @@ class Report:
             log.info("epoch %d/%d done, checkpoints in %s", epochs_done, run.cfg.train.epochs, run.folder)
 
     def flush(self) -> None:
-        """Log the mean of the window's steps to MLflow (and to the console without a bar); empty it."""
-        run = self.run
-        if not self.window:
+        """Read the window's losses on the host in one transfer (the step loop's one sync) and stop at
+        a non-finite one, naming its step (every rank, before any checkpoint of those steps). On rank 0,
+        log the window's means to MLflow (and to the console without a bar) and rewrite the run's
+        summary.json. Empties the window."""
+        run, window, self.window = self.run, self.window, []
+        if not window:
             return
-        losses, times, waits = np.array([(m["loss"], m["step_s"], m["data_wait_s"]) for m in self.window]).T
+        losses = torch.stack([m["loss"] for m in window]).tolist()
+        seconds = time.perf_counter() - self.window_start  # the device's queue included: it just drained
+        for step, loss in enumerate(losses, run.step - len(window) + 1):
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {step}")
+        if not self.on:
+            return
         if run.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(run.device) / 2**20
         else:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        metrics = {"loss": losses.mean(), "lr": run.optimizer.param_groups[0]["lr"],
-                   "images_per_s": run.cfg.train.batch_size * len(times) / times.sum(),
-                   "data_wait": waits.sum() / times.sum(), "step_time_s": times.mean(),
-                   "peak_mem_mb": peak_mb, "epoch": run.step / run.steps_per_epoch}
+        metrics = {"loss": statistics.fmean(losses), "lr": run.optimizer.param_groups[0]["lr"],
+                   "images_per_s": run.cfg.train.batch_size * len(window) / seconds,
+                   "data_wait": sum(m["data_wait_s"] for m in window) / seconds,
+                   "step_time_s": seconds / len(window), "peak_mem_mb": peak_mb,
+                   "epoch": run.step / run.steps_per_epoch}
         run.tracker.log_metrics(metrics, run.step)
-        self.window, self.last_loss = [], float(metrics["loss"])
+        self.last_loss = metrics["loss"]
+        self.write_summary(metrics)
         if self.bar.disable:
             log.info("step %d (epoch %.2f): loss %.4f, lr %.2e, %.0f img/s, data wait %.1f%%", run.step,
                      metrics["epoch"], metrics["loss"], metrics["lr"], metrics["images_per_s"],
                      100 * metrics["data_wait"])
 
+    def write_summary(self, metrics: dict[str, float]) -> None:
+        """run.folder/summary.json: steps, last loss, and the median images/s and mean data-wait share of
+        the windows after the first (start-up: compilation, the loader's first batches). bench.gpu_check
+        reads it; rewritten after each window, so a run cut short still leaves its figures."""
+        self.rates.append((metrics["images_per_s"], metrics["data_wait"]))
+        steady = self.rates[1:] or self.rates
+        summary = {"steps": self.run.step, "loss": metrics["loss"], "windows": len(self.rates),
+                   "images_per_s": statistics.median(rate for rate, _ in steady),
+                   "data_wait": statistics.fmean(wait for _, wait in steady),
+                   "peak_mem_mb": metrics["peak_mem_mb"]}
+        path = self.run.folder / SUMMARY_FILE
+        path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1) + "\n")
+        path.with_suffix(".tmp").replace(path)
+
     def close(self, status: str) -> None:
         """End the bar and, after the steps not logged yet, the MLflow run (FINISHED, KILLED or FAILED)."""
         run, uri = self.run, self.run.tracker.uri
         self.bar.close()
-        if self.on:
-            self.flush()  # the steps since the last flush, e.g. before a stop signal or a failure
+        if self.on:  # the steps since the last flush: only after a failure (the loop flushes before saving)
+            with contextlib.suppress(NonFiniteLoss):  # the run failed already; its own error tells why
+                self.flush()
         run.tracker.close(status)
         if self.on and status == "KILLED":
             log.info("stop signal: saved %s at step %d; run the same command to resume",

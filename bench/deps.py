@@ -1,7 +1,8 @@
 """Optional packages: the benchmarks record a missing one as a skip instead of failing.
 
-GPU images often lack DALI, FFCV and mlflow (and cannot install them); `missing()` finds out
-without importing the package, so a blocked or absent one costs nothing.
+GPU images often lack DALI, FFCV, mlflow and omegaconf (requirements-gpu-image.txt lists what a
+bare one holds); `missing()` finds out without importing the package, so a blocked or absent one
+costs nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ PACKAGES = {
     **optional_packages(),  # the loader backends'
     "cupy": "cupy-cuda13x",
     "mlflow": "mlflow",
+    "omegaconf": "omegaconf",
     "mvtbdata": "mvtb-data",
     "skimage": "scikit-image",
     "pytest": "pytest",

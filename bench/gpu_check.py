@@ -1,8 +1,8 @@
 """One command that exercises and measures every GPU path, for the first minutes on a GPU node.
 
-    python3 -m bench.gpu_check                        # one GPU, <= 9 minutes; results in runs/gpu-check/
+    python3 -m bench.gpu_check                        # one GPU, <= 8 minutes; results in runs/gpu-check/
     python3 -m bench.gpu_check --write-docs           # also docs/gpu-results.md and docs/gpu-results.json
-    python3 -m bench.gpu_check --wheels /mnt/wheels   # bring missing packages (DALI, FFCV) as wheels
+    python3 -m bench.gpu_check --wheels gpu-wheels    # bring missing packages (omegaconf, DALI) as wheels
     python3 -m bench.gpu_check --smoke                # every part on the CPU at toy sizes (what CI runs)
 
 It runs in whatever Python environment is active (no set-up step, nothing fetched): a GPU image with
@@ -18,16 +18,24 @@ recorded and the next one starts. A part whose package is missing is recorded as
    and the plain torchvision ImageFolder peer, with and without masks, against GPU decode-only;
 5. train-step: `bench.train_step`, ViT-B/16 MAE, bf16, batch 256, eager and torch.compile, MFU,
    peak memory, host syncs, the public-MAE-style peer step, the largest batch that fits;
-6. e2e-<loader>: `train.py` for 200 steps on the corpus with each loader: images/s and data wait;
-7. reproduce: `eval.reproduce` when the time left allows it (about 10 minutes; raise --total).
+6. e2e-<loader>: `train.py` for 200 steps on the corpus with each loader, no checkpoint files
+   (`train.checkpoint_every=0`): images/s and data wait, read from the run's summary.json.
 
-Writes runs/gpu-check/gpu-check.json (one row per measurement, each with the GPU, driver, CUDA and
-package versions), gpu-check.md (the summary, with the issue's targets) and logs/<part>.log.
+The colour-comparison reproduction is its own command (`python -m eval.reproduce --budget gpu`,
+about 8 minutes): it does not fit beside these parts in one 480 s check.
+
+Writes, all in one small folder (runs/gpu-check/; no checkpoints, no images): gpu-check.json (one
+row per measurement, each with the GPU, driver, CUDA and package versions), gpu-check.md (the
+summary, with the issue's targets), logs/<part>.log and each e2e run's summary.json. The JPEG corpus
+goes to the cache ($COLORMAE_CACHE or ~/.cache/colormae), not to the results.
 
 --wheels DIR installs every wheel in DIR with `pip install --no-index --no-deps --target <tmp>`, then
 runs the check again with <tmp> first on PYTHONPATH, so the plan (what is missing, which versions)
-and every part import from it: copy DALI's wheel (nvidia-dali-cuda130, ~200 MB) and any dependency
-the image lacks into DIR. Nothing is installed into the environment itself.
+and every part import from it: `make gpu-wheels` fills gpu-wheels/ with omegaconf (the trainer's
+config, pure Python, under 1 MB); add DALI's wheel (nvidia-dali-cuda130, ~200 MB) and any other
+package the image lacks. Nothing is installed into the environment itself. `make gpu-rehearsal`
+runs this check's --smoke twin in a virtual environment holding exactly a bare GPU image's packages
+(requirements-gpu-image.txt).
 
 Run it from the repository root (`-m` puts the root on the import path; no install is needed); each
 part runs there too, as `python -m bench.<name>` or `python train.py`.
@@ -43,7 +51,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,17 +63,17 @@ from pathlib import Path
 
 from bench.deps import missing, skip_reason, version
 from pipelines.backends import BACKENDS, optional_packages
-from pipelines.prepare import FASHION_MNIST_DIR, PHOTO_SOURCES
+from pipelines.prepare import PHOTO_SOURCES
 from tracking import nvidia_smi
 
 ROOT = Path(__file__).resolve().parent.parent
-TOTAL_S = 540  # the whole check, on one H100/H200
+TOTAL_S = 480  # the whole check, on one H100/H200, torch.compile's warm-up included
 SMOKE_SLACK = 2  # --smoke: budgets and total x2, for a busy CI machine (toy sizes; nothing is judged)
-REPRODUCE_S = 600  # bench.reproduce's GPU budget
 WHEELS_ENV = "GPU_CHECK_WHEELS"  # set in the re-run that --wheels starts: the folder they went to
 E2E_STEPS = 200
 # top-level modules of the packages a GPU image may lack
 OPTIONAL = {"mlflow", "cupy", *(module.split(".")[0] for module in optional_packages())}
+TRAINER = "omegaconf"  # what train.py needs beyond a bare GPU image (it travels with --wheels)
 
 
 @dataclass
@@ -138,7 +145,7 @@ def environment() -> dict:
             "torch": torch.__version__, "torchvision": version("torchvision"), "timm": version("timm"),
             "numpy": version("numpy"), "cupy": version("cupy"),
             **{name: version(next(iter(b.packages))) for name, b in BACKENDS.items() if b.packages},
-            "mlflow": version("mlflow"), "cpus": os.cpu_count()}
+            "mlflow": version("mlflow"), "omegaconf": version("omegaconf"), "cpus": os.cpu_count()}
 
 
 # -- reading what each part wrote --------------------------------------------------------------
@@ -159,8 +166,9 @@ def read_json_rows(part: Part, out: Path) -> list[dict]:
 
 
 def read_pytest(part: Part, out: Path) -> list[dict]:
-    """Counts from pytest's JUnit XML. A test (or test module) that failed only because an optional
-    package is missing (mlflow, DALI, FFCV, CuPy) is listed under missing_package, not as a failure."""
+    """Counts from pytest's JUnit XML. A test that failed only because an optional package is missing
+    (mlflow, DALI, FFCV, CuPy) is listed under missing_package, not as a failure; a test module that
+    cannot be collected is a failure, whatever it lacks (its GPU tests would never run)."""
     path = out / "pytest-gpu.xml"
     if not path.exists():
         return []
@@ -172,7 +180,8 @@ def read_pytest(part: Part, out: Path) -> list[dict]:
             counts["skipped" if case.find("skipped") is not None else "passed"] += 1
             continue
         absent = re.search(r"No module named '([\w.]+)'", f"{problem.get('message')} {problem.text}")
-        if absent and absent.group(1).split(".")[0] in OPTIONAL:
+        collecting = problem.get("message") == "collection failure"  # pytest's JUnit word for it
+        if absent and absent.group(1).split(".")[0] in OPTIONAL and not collecting:
             counts["missing_package"].append(f"{name} ({absent.group(1)})")
         else:
             counts["failed"] += 1
@@ -180,26 +189,22 @@ def read_pytest(part: Part, out: Path) -> list[dict]:
     return [{"table": "pytest -m gpu", **counts}]
 
 
-STEP_LINE = re.compile(r"step (\d+) .*?([\d.]+) img/s, data wait ([\d.]+)%")
-
-
-def read_train_log(part: Part, out: Path) -> list[dict]:
-    """images/s (median) and data-wait share (mean) of train.py's metric lines, leaving out the
-    first window (start-up: CUDA context, cuDNN autotuning, the loader's first batches)."""
-    log = (out / "logs" / f"{part.name}.log").read_text(errors="replace")
-    windows = [tuple(map(float, match.groups())) for match in STEP_LINE.finditer(log)]
-    if len(windows) < 2:
+def read_train_summary(part: Part, out: Path) -> list[dict]:
+    """images/s (median) and data-wait share (mean) of train.py's log windows after the first
+    (start-up), as its report writes them to <run folder>/summary.json."""
+    loader = part.name.removeprefix("e2e-")
+    path = out / "e2e" / loader / "summary.json"
+    if not path.exists():
         return []
-    steady = windows[1:]
-    return [{"table": "train.py", "loader": part.name.removeprefix("e2e-"), "steps": int(windows[-1][0]),
-             "images_per_s": statistics.median(rate for _, rate, _ in steady),
-             "data_wait": round(statistics.mean(wait for *_, wait in steady) / 100, 4)}]
+    summary = json.loads(path.read_text())
+    return [{"table": "train.py", "loader": loader, **{key: summary[key] for key in
+                                                       ("steps", "images_per_s", "data_wait", "loss")}}]
 
 
 # -- the plan ----------------------------------------------------------------------------------
 
 def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
-    """Every part with its command and budget; skips that are known before running anything."""
+    """Every part with its command and budget (480 s in all on a GPU); skips known before running."""
     s, py = (SMOKE if args.smoke else GPU), sys.executable
     tests = sorted((ROOT / "tests").glob("test_*.py"))
     gpu_tests = [str(path) for path in tests if "mark.gpu" in path.read_text()]  # less to collect
@@ -207,7 +212,7 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
         Part("pytest-gpu", 60, [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                 "--continue-on-collection-errors", f"--junitxml={out / 'pytest-gpu.xml'}",
                                 *gpu_tests], read_pytest, skip=skip_reason("pytest")),
-        Part("masks", 40, [py, "-m", "bench.masks", "--device", s.device, "--batches", s.mask_batches,
+        Part("masks", 30, [py, "-m", "bench.masks", "--device", s.device, "--batches", s.mask_batches,
                            "--json", str(out / "masks.json"), *(["--seconds", "0.05", "--repeats", "1"]
                                                                 if args.smoke else [])],
              read_json_rows, skip=skip_reason("cupy") if s.device == "cuda" else None),
@@ -215,36 +220,27 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
     if args.data is None:
         photos = [module for module, _ in PHOTO_SOURCES]
         absent = missing(*photos)
-        parts.append(Part("corpus", 40, [py, "-m", "pipelines.prepare", "jpeg-corpus", "--out", str(corpus),
+        parts.append(Part("corpus", 30, [py, "-m", "pipelines.prepare", "jpeg-corpus", "--out", str(corpus),
                                          "--n", str(s.corpus_n)], lambda part, out: [],
                           skip=f"skipped: missing one of {', '.join(absent)} (or pass --data DIR)"
                           if len(absent) == len(photos) else None))
     loaders = ",".join([*(name for name, b in BACKENDS.items() if not (args.smoke and b.slow_start)),
                         "imagefolder"])
-    parts.append(Part("loaders", 100, [py, "-m", "bench.loaders", "--data", str(corpus), "--device",
-                                       s.device, "--loaders", loaders, "--img-size", str(s.img_size),
-                                       "--batch-size", str(s.batch), "--rounds", "1" if args.smoke else "2",
-                                       *(["--workers", "2"] if args.smoke else []),
-                                       "--json", str(out / "loaders.json")],
+    parts.append(Part("loaders", 80, [py, "-m", "bench.loaders", "--data", str(corpus), "--device",
+                                      s.device, "--loaders", loaders, "--img-size", str(s.img_size),
+                                      "--batch-size", str(s.batch), "--rounds", "1" if args.smoke else "2",
+                                      *(["--workers", "2"] if args.smoke else []),
+                                      "--json", str(out / "loaders.json")],
                       read_json_rows, needs_corpus=True))
-    parts.append(Part("train-step", 150, [py, "-m", "bench.train_step", "--models", s.model,
+    parts.append(Part("train-step", 140, [py, "-m", "bench.train_step", "--models", s.model,
                                           "--inputs", "synthetic", "--batch", str(s.batch), *s.train_args,
                                           "--json", str(out / "train-step.json")], read_json_rows))
     for loader, backend in BACKENDS.items():
-        reason = skip_reason(*backend.packages)
+        reason = skip_reason(TRAINER, *backend.packages)
         if args.smoke and backend.slow_start and not reason:
             reason = f"skipped: --smoke ({backend.slow_start})"
-        parts.append(Part(f"e2e-{loader}", 60, e2e_command(loader, s, corpus, out), read_train_log,
+        parts.append(Part(f"e2e-{loader}", 45, e2e_command(loader, s, corpus, out), read_train_summary,
                           skip=reason, needs_corpus=True))
-    reproduce_skip = (f"skipped: missing {FASHION_MNIST_DIR} (Debian dataset-fashion-mnist)"
-                      if not FASHION_MNIST_DIR.is_dir() else None)
-    tiny = ["--quick", "--masks", "random", "--seeds", "0", "--train-images", "64", "--test-images", "32",
-            "--batch-size", "32", "--seg-train", "16", "--seg-test", "8", "--probe-epochs", "1"]
-    parts.append(Part("reproduce", 120 if args.smoke else REPRODUCE_S,
-                      [py, "-m", "eval.reproduce", "--device", s.device,
-                       *(tiny if args.smoke else ["--budget", "gpu"]), "--out", str(out / "reproduce.md"),
-                       "--json", str(out / "reproduce.json")],
-                      read_json_rows, skip=reproduce_skip))
     if args.smoke:
         for part in parts:
             part.budget_s *= SMOKE_SLACK
@@ -259,7 +255,7 @@ def plan(args: argparse.Namespace, out: Path, corpus: Path) -> list[Part]:
 
 
 def e2e_command(loader: str, s: Sizes, corpus: Path, out: Path) -> list[str]:
-    """train.py for about `s.e2e_steps` steps with `loader` (no MLflow, no figures, one run folder)."""
+    """train.py for about `s.e2e_steps` steps with `loader` (no MLflow, figures or checkpoint files)."""
     steps_per_epoch = max(1, s.corpus_n // s.batch)
     epochs = math.ceil(s.e2e_steps / steps_per_epoch)
     overrides = {"model.preset": s.model, "data.path": corpus, "data.loader": loader,
@@ -267,10 +263,17 @@ def e2e_command(loader: str, s: Sizes, corpus: Path, out: Path) -> list[str]:
                  "train.steps_per_epoch": math.ceil(s.e2e_steps / epochs), "train.warmup_epochs": 0,
                  "train.device": "cuda" if s.device == "cuda" else "cpu", "log.mlflow": "false",
                  "log.recon_every": 0, "log.every_steps": s.e2e_every, "log.runs_root": out / "e2e",
-                 "log.run_name": loader, "train.checkpoint_every": epochs}
+                 "log.run_name": loader, "train.checkpoint_every": 0}
     if s.device == "cpu":
         overrides["data.workers"] = 2
     return [sys.executable, str(ROOT / "train.py"), *(f"{k}={v}" for k, v in overrides.items())]
+
+
+def default_corpus(smoke: bool) -> Path:
+    """Where the JPEG corpus is cut when --data is not given: the cache, outside the results folder."""
+    root = os.environ.get("COLORMAE_CACHE")
+    cache = Path(root) if root else Path.home() / ".cache" / "colormae"
+    return cache / f"jpeg-corpus-{(SMOKE if smoke else GPU).corpus_n}"
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here; `python3 -m bench.gpu_check --smoke` runs the CPU twin")
-    corpus = args.data or out / "jpeg-corpus"
+    corpus = args.data or default_corpus(args.smoke)
     parts = plan(args, out, corpus)
     info = environment()
     total = args.total or TOTAL_S * (SMOKE_SLACK if args.smoke else 1)
@@ -330,8 +333,6 @@ def run(args: argparse.Namespace) -> int:
             part.status = part.skip
         elif part.needs_corpus and (corpus_failed or not corpus.is_dir()):
             part.status = "skipped: no JPEG corpus (the corpus part did not finish)"
-        elif part.name == "reproduce" and left < part.budget_s:
-            part.status = f"skipped: needs ~{part.budget_s:.0f} s, {left:.0f} s left (raise --total)"
         elif left < 10:
             part.status = f"skipped: the {total} s total is used up"
         else:

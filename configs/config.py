@@ -64,7 +64,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto = cuda when available
     seed: int = 0
-    checkpoint_every: int = 50  # keep checkpoint-<epoch>.pth every N epochs (checkpoint-last always)
+    checkpoint_every: int = 50  # keep checkpoint-<epoch>.pth every N epochs (checkpoint-last always); 0: no
+    # checkpoint files at all (benchmarks: a stopped run cannot resume)
 
     @property
     def lr(self) -> float:
@@ -79,9 +80,12 @@ class TrainConfig:
                             f"choose one of {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
             problems.append(f"train.device '{self.device}' is unknown; choose one of {', '.join(DEVICES)}")
-        for key in ("epochs", "batch_size", "accum_steps", "checkpoint_every"):
+        for key in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, key) < 1:
                 problems.append(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0:
+            problems.append(f"train.checkpoint_every must be >= 0 (0: no checkpoint files), "
+                            f"got {self.checkpoint_every}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             problems.append(f"train.warmup_epochs {self.warmup_epochs} must lie in "
                             f"[0, train.epochs={self.epochs}]")

@@ -24,6 +24,15 @@ PACKAGES = ("torch", "torchvision", "timm", "numpy", "mlflow",
             *BACKEND_TABLE["optional_packages"]().values(), "cupy-cuda13x", "psycopg2-binary")
 
 
+def installed_version(name: str) -> str | None:
+    """The distribution's version; None when it is not installed (a missing package is reported by the
+    check of its stack, not here)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def torch_check(gpu: bool) -> str:
     """A matrix product on the device; the CUDA build and device name."""
     import torch
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     gpu = torch.cuda.is_available()
-    report = {"versions": {name: importlib.metadata.version(name) for name in PACKAGES}, "gpu": gpu}
+    report = {"versions": {name: installed_version(name) for name in PACKAGES}, "gpu": gpu}
     if args.require_gpu and not gpu:
         sys.exit("check_env: no CUDA device visible (run the container with --gpus all)")
     for name, check in CHECKS.items():

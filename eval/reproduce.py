@@ -259,7 +259,8 @@ def pretrain(mask: str, seed: int, data: dict, args: argparse.Namespace, max_ste
         losses = [] if step % steps_per_epoch == 0 else losses
         losses.append(train_step(run, batches)["loss"])
     synchronize()
-    return mae.eval(), time.perf_counter() - start, sum(losses) / max(1, len(losses))
+    mean_loss = torch.stack(losses).mean().item() if losses else 0.0  # the step leaves each on the device
+    return mae.eval(), time.perf_counter() - start, mean_loss
 
 
 def estimate_seconds(data: dict, args: argparse.Namespace, probe_seconds: float) -> float:

@@ -34,22 +34,29 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> Tensor:
     return emb.float()
 
 
-def mask_to_ids(mask: Tensor) -> tuple[Tensor, Tensor]:
+def mask_to_ids(mask: Tensor, num_visible: int | None = None) -> tuple[Tensor, Tensor]:
     """``ids_keep`` (B, K) and ``ids_restore`` (B, L), int64, for a bool mask (B, L), True = masked.
 
     The shuffle order lists visible patches first, each group in ascending patch order, so
     ``ids_keep`` is sorted and ``torch.gather(shuffled, 1, ids_restore)`` restores patch order.
-    K is read on the host in one transfer (the one sync of a forward pass).
+    With ``num_visible`` (K, known when the masks are drawn) nothing is read on the host: a wrong
+    count fails on the device (``torch._assert_async``), and torch.compile sees one graph. Without
+    it, K is read on the host in one transfer (a sync) and every row is checked.
     """
     if mask.dtype != torch.bool or mask.ndim != 2:
         raise ValueError(f"mask must be a bool tensor (B, L); got {mask.dtype} of shape {tuple(mask.shape)}")
     visible = (~mask).sum(dim=1)
-    fewest, most = torch.stack(torch.aminmax(visible)).tolist()
-    if fewest != most:
-        raise ValueError(f"every mask row needs the same number of visible patches; got {visible.tolist()}")
+    if num_visible is None:
+        fewest, most = torch.stack(torch.aminmax(visible)).tolist()
+        if fewest != most:
+            raise ValueError(f"every mask row needs the same number of visible patches; "
+                             f"got {visible.tolist()}")
+        num_visible = fewest
+    else:
+        torch._assert_async((visible == num_visible).all(), "a mask row has not num_visible visible patches")
     ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle[:, :fewest], ids_restore
+    return ids_shuffle[:, :num_visible], ids_restore
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -125,11 +132,15 @@ class MaskedAutoencoderViT(nn.Module):
         x = x.reshape(b, g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, g * p, g * p)
 
+    def visible_count(self, mask_ratio: float) -> int:
+        """Patches left visible by a mask of this ratio (at least one), as the mask stage counts them."""
+        return max(1, int(self.num_patches * (1 - mask_ratio)))
+
     def random_mask(self, batch: int, mask_ratio: float, device: torch.device) -> Tensor:
         """Uniform random mask (B, L), True = masked, int(L * (1 - mask_ratio)) visible per row."""
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        keep = max(1, int(self.num_patches * (1 - mask_ratio)))
+        keep = self.visible_count(mask_ratio)
         ids_keep = torch.rand(batch, self.num_patches, device=device).argsort(dim=1)[:, :keep]
         mask = torch.ones(batch, self.num_patches, dtype=torch.bool, device=device)
         return mask.scatter_(1, ids_keep, False)
@@ -168,20 +179,22 @@ class MaskedAutoencoderViT(nn.Module):
         per_patch = (pred.float() - target).pow(2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, imgs: Tensor, mask: Tensor | None = None,
-                mask_ratio: float = 0.75) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, imgs: Tensor, mask: Tensor | None = None, mask_ratio: float = 0.75,
+                num_visible: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (loss, pred (B, L, p*p*C), mask as float 0/1 with 1 = masked).
 
         mask: bool (B, L), True = masked, the same number of visible patches per row; None draws a
-        uniform random mask with mask_ratio.
+        uniform random mask with mask_ratio. num_visible: that number, when the caller knows it (the
+        trainer does): the forward then reads nothing on the host (see `mask_to_ids`).
         """
         if mask is None:
             mask = self.random_mask(imgs.shape[0], mask_ratio, imgs.device)
+            num_visible = self.visible_count(mask_ratio)
         elif mask.shape != (imgs.shape[0], self.num_patches):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match (batch, patches) = "
                              f"({imgs.shape[0]}, {self.num_patches})")
         mask = mask.to(imgs.device)
-        ids_keep, _ = mask_to_ids(mask)
+        ids_keep, _ = mask_to_ids(mask, num_visible)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_keep)
         mask = mask.float()

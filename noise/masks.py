@@ -57,10 +57,11 @@ class MaskGenerator:
     random masking.
 
     The masks of batch ``index`` of ``epoch`` are a pure function of (seed, rank, epoch, index):
-    they are drawn from their own numpy generator, seeded by those four values, whatever was drawn
-    before. So any backend, worker count, prefetch depth or resume point gives the same masks, and
-    each distributed rank its own. Arrays live on ``device`` (numpy for "cpu", CuPy for
-    "cuda[:N]"); the draws are made on the host, so both devices give the same masks.
+    their random words come from a counter-based generator (splitmix64 keyed by those four values,
+    `random_words`), whatever was drawn before. So any backend, worker count, prefetch depth or
+    resume point gives the same masks, and each distributed rank its own. Arrays live on ``device``
+    (numpy for "cpu", CuPy for "cuda[:N]"); the words are drawn there, in a few array expressions
+    per batch (no host generator, no host-to-device copies), with the same bits on both devices.
 
     Banks come from ``pattern_bank(colour, cache_dir=cache_dir, **bank_options)``, or with
     ``bank_path`` from the authors' npz ("{colour}" in the path is replaced by the colour; loaded
@@ -81,8 +82,8 @@ class MaskGenerator:
         bank_options: dict | None = None,
     ):
         check_ratio(mask_ratio)
-        if grid < 1:
-            raise ValueError(f"grid must be >= 1; got {grid}")
+        if not 1 <= grid <= 256:
+            raise ValueError(f"grid must be in [1, 256]; got {grid}")
         self.schedule = parse_schedule(schedule)
         self.grid, self.mask_ratio = int(grid), float(mask_ratio)
         self.num_patches = self.grid * self.grid
@@ -136,37 +137,69 @@ class MaskGenerator:
         colour = self.colour(epoch)
         if index < 0:
             raise ValueError(f"batch index must be >= 0; got {index}")
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(self.rank, epoch, index)))
+        key = batch_key(self.seed, self.rank, epoch, index)
         with self._on_device():
             if colour == "random":
-                return self._random_masks(rng, batch_size)
-            return self._colour_masks(rng, self._banks[colour], batch_size)
+                return self._random_masks(key, batch_size)
+            return self._colour_masks(key, self._banks[colour], batch_size)
 
-    def _random_masks(self, rng: np.random.Generator, batch_size: int):
-        """Uniform random masking: each row is an independent random permutation of K False entries."""
-        row = np.arange(self.num_patches) >= self.num_visible
-        return self.xp.asarray(rng.permuted(np.tile(row, (batch_size, 1)), axis=1))
+    def _random_masks(self, key: int, batch_size: int):
+        """Uniform random masking: in each row the K patches with the smallest random words stay visible."""
+        xp, patches = self.xp, self.num_patches
+        # The low 16 bits name the patch, so the words of a row are distinct: exactly K are <= the K-th.
+        words = random_words(xp, key, (batch_size, patches)) >> SHIFT << SHIFT | xp.arange(patches, dtype=U64)
+        kth = xp.partition(words, self.num_visible - 1, axis=1)[:, self.num_visible - 1, None]
+        return words > kth
 
-    def _colour_masks(self, rng: np.random.Generator, bank, batch_size: int):
+    def _colour_masks(self, key: int, bank, batch_size: int):
         """Per sample: a texture, an offset and flips; the crop's top K stay visible."""
         xp, grid = self.xp, self.grid
         count, height, width = bank.shape
         # Wrapped crops may start anywhere; in-bounds crops where the whole crop fits.
         starts = (height, width) if self.wrap else (height - grid + 1, width - grid + 1)
-        # Small per-sample draws on the host (same stream on every device), index maths on xp.
-        texture = xp.asarray(rng.integers(count, size=batch_size))
-        top = xp.asarray(rng.integers(starts[0], size=batch_size))
-        left = xp.asarray(rng.integers(starts[1], size=batch_size))
-        flip = xp.asarray(rng.integers(2, size=(2, batch_size), dtype=bool))
-        cells = xp.arange(grid)
-        rows = (top[:, None] + xp.where(flip[0, :, None], grid - 1 - cells, cells)) % height
-        cols = (left[:, None] + xp.where(flip[1, :, None], grid - 1 - cells, cells)) % width
+        words = random_words(xp, key, (5, batch_size))
+        texture, top, left = (words[i] % U64(n) for i, n in enumerate((count, *starts)))
+        flip = words[3:] >> U64(63) == 1
+        cells = xp.arange(grid, dtype=U64)
+        rows = (top[:, None] + xp.where(flip[0, :, None], U64(grid - 1) - cells, cells)) % U64(height)
+        cols = (left[:, None] + xp.where(flip[1, :, None], U64(grid - 1) - cells, cells)) % U64(width)
         index = (texture[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
         values = bank.reshape(-1)[index.reshape(batch_size, -1)]
         # Crop values are distinct (rank-normalised textures), so exactly K are >= the K-th largest.
         kth = self.num_patches - self.num_visible
         threshold = xp.partition(values, kth, axis=1)[:, kth, None]
         return values < threshold
+
+
+U64 = np.uint64
+SHIFT = U64(16)  # random_masks: the bits of a word that hold its patch number (grids up to 256 x 256)
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's constants
+
+
+def mix64(x):
+    """splitmix64's finaliser: a bijective scramble of uint64 arrays (numpy or CuPy, wrapping arithmetic)."""
+    x = (x ^ (x >> U64(30))) * U64(MIX1)
+    x = (x ^ (x >> U64(27))) * U64(MIX2)
+    return x ^ (x >> U64(31))
+
+
+def batch_key(seed: int, rank: int, epoch: int, index: int) -> int:
+    """A 64-bit key from (seed, rank, epoch, batch index): each value folded in through splitmix64's
+    finaliser, in Python integers (on the host, no arrays: a few microseconds)."""
+    key = 0
+    for value in (seed, rank, epoch, index):
+        x = (key ^ (value + GOLDEN)) % 2**64
+        x = (x ^ (x >> 30)) * MIX1 % 2**64
+        x = (x ^ (x >> 27)) * MIX2 % 2**64
+        key = x ^ (x >> 31)
+    return key
+
+
+def random_words(xp, key: int, shape: tuple[int, ...]):
+    """Counter-based random uint64 words: word i is mix64(key + (i + 1) * GOLDEN), splitmix64's i-th
+    output from state ``key``. One array expression on the device, the same bits from numpy and CuPy."""
+    counters = xp.arange(1, int(np.prod(shape)) + 1, dtype=U64).reshape(shape)
+    return mix64(counters * U64(GOLDEN) + U64(key))
 
 
 def mask_to_torch(mask, device: str | torch.device | None = None) -> torch.Tensor:

@@ -3,6 +3,9 @@ normalisation, exact (and elastic) resume."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import time
 import weakref
 from collections.abc import Iterator
@@ -68,12 +71,53 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+@functools.cache
+def imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std x 255 as (1, 3, 1, 1) tensors on `device`, made once per device (each
+    `torch.tensor(..., device=cuda)` is a blocking host-to-device copy)."""
+    mean, std = (torch.tensor(s, device=device).view(1, 3, 1, 1) * 255 for s in (IMAGENET_MEAN, IMAGENET_STD))
+    return mean, std
+
+
 def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 on `device`, normalised with the ImageNet mean/std."""
-    images = images.to(device, non_blocking=True).float()
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return images.sub_(mean).div_(std)
+    mean, std = imagenet_stats(torch.device(device))
+    return images.to(device, non_blocking=True).float().sub_(mean).div_(std)
+
+
+class SideStream:
+    """Where a loader makes its batches on a GPU: a side CUDA stream, torch's and CuPy's current stream
+    inside `with`, so the next batch's host-to-device copy, normalisation and mask kernels overlap the
+    step computing on the default stream; `hand_over` makes the consumer's stream wait for them. On the
+    CPU both are no-ops: the same batches in the same order."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._contexts = contextlib.ExitStack()
+
+    def __enter__(self) -> SideStream:
+        if self.stream is not None:
+            self._contexts.enter_context(torch.cuda.stream(self.stream))
+            if importlib.util.find_spec("cupy"):  # the mask stage's kernels (and DLPack's hand-over)
+                import cupy
+
+                self._contexts.enter_context(cupy.cuda.ExternalStream(self.stream.cuda_stream))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._contexts.close()
+
+    def hand_over(self, batch: dict) -> dict:
+        """`batch` for the current stream: it waits for the side stream's work, and the caching allocator
+        keeps each tensor's memory until the current stream is done with it (`record_stream`)."""
+        if self.stream is None:
+            return batch
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(current)
+        return batch
 
 
 class MaskStage:

@@ -20,6 +20,7 @@ from .base import (
     TRAIN_RATIO,
     TRAIN_SCALE,
     BaseLoader,
+    SideStream,
     eval_crop_side,
     normalize,
     sample_seed,
@@ -133,6 +134,7 @@ class TorchLoader(BaseLoader):
         self.on_device = self.device.type == "cuda"
         transform = build_transform(cfg.img_size, cfg.train, normalise=not self.on_device)
         self.sampler = EpochBatchSampler(self)
+        self.side = SideStream(self.device)
         self.dataloader = DataLoader(
             ManifestDataset(self.manifest, transform, cfg.seed, cfg.train),
             batch_sampler=self.sampler,
@@ -141,6 +143,21 @@ class TorchLoader(BaseLoader):
             persistent_workers=cfg.workers > 0,
             worker_init_fn=obey_only_parent_stop_signals,
         )
+
+    def __iter__(self) -> Iterator[dict]:
+        """BaseLoader's batches, made on a side CUDA stream on a GPU (`SideStream`): the copy of the next
+        batch and its mask kernels overlap the current step."""
+        batches = super().__iter__()
+        while True:
+            with self.side:
+                batch = next(batches, None)
+                if batch is not None and self.on_device and batch["mask"] is not None:
+                    # CuPy's memory pool would reuse the mask's memory on the side stream while the step
+                    # still reads it: a copy the caching allocator tracks (record_stream), ~B*G*G bytes.
+                    batch["mask"] = batch["mask"].clone()
+            if batch is None:
+                return
+            yield self.side.hand_over(batch)
 
     def _batches(self, skip: int):
         self.sampler.skip = skip

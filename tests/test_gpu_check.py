@@ -58,7 +58,7 @@ def test_smoke_runs_every_part_on_the_cpu(tmp_path):
     done, rows = run_check(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     plan = done.stdout.split("[pytest-gpu]")[0]  # printed before anything runs, with the budgets
-    assert all(f"{name}" in plan for name in ("masks", "loaders", "train-step", "e2e-torch", "reproduce"))
+    assert all(f"{name}" in plan for name in ("masks", "loaders", "train-step", "e2e-torch"))
     measured = ("pytest-gpu", "masks", "loaders", "train-step", "e2e-torch", "e2e-dali")
     for part in measured:
         assert status(rows, part) == "ok", (part, rows[part])
@@ -70,27 +70,43 @@ def test_smoke_runs_every_part_on_the_cpu(tmp_path):
     train = [r for r in rows["train-step"] if r.get("table") == "results"]
     assert {r["compile"] for r in train} == {False, "eager"}
     assert all(r["gflops_per_image"] > 0 for r in train)
-    e2e = next(r for r in rows["e2e-torch"] if r.get("table") == "train.py")
-    assert e2e["steps"] == 6 and 0 <= e2e["data_wait"] < 1 and e2e["images_per_s"] > 0
+    e2e = next(r for r in rows["e2e-torch"] if r.get("table") == "train.py")  # from the run's summary.json
+    assert e2e["steps"] == 6 and 0 <= e2e["data_wait"] < 1 and e2e["images_per_s"] > 0 and e2e["loss"] > 0
+    results = list((tmp_path / "out").rglob("*"))  # one small folder: no checkpoints, no corpus
+    assert not [path for path in results if path.suffix in (".pth", ".JPEG", ".jpg")]
+    assert sum(path.stat().st_size for path in results if path.is_file()) < 2**20
     summary = (tmp_path / "out" / "gpu-check.md").read_text()
     assert "## Targets" in summary and "n/a (smoke)" in summary
 
 
 @pytest.mark.slow
-def test_smoke_skips_what_is_missing(tmp_path):
-    """Without mlflow, DALI and FFCV the parts that need them are skipped, the rest run."""
-    parts = "pytest-gpu,corpus,loaders,e2e-torch,e2e-dali,e2e-ffcv"
-    done, rows = run_check(tmp_path, "--parts", parts, block=True)
+@pytest.mark.timeout(2400)  # a cold environment build (~7 min on a busy 2-core CI machine) + the check
+def test_rehearsal_in_a_bare_gpu_images_environment(tmp_path):
+    """`make gpu-rehearsal`: the smoke check and the GPU tests' collection in a virtual environment of
+    exactly requirements-gpu-image.txt (no mlflow, DALI, FFCV, omegaconf: it travels as a wheel).
+    The environment is built on first use (minutes, from the local wheels) and cached."""
+    env = {**os.environ, "GPU_REHEARSAL_OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", "scripts/gpu_rehearsal.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=2300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert status(rows, "e2e-dali") == "skipped: missing nvidia-dali-cuda130"
-    assert status(rows, "e2e-ffcv") == "skipped: missing ffcv"
-    for part in ("pytest-gpu", "corpus", "loaders", "e2e-torch"):
-        assert status(rows, part) == "ok", (part, rows[part])
-    skipped = {r["loader"]: r["skipped"] for r in rows["loaders"] if "skipped" in r}
-    assert skipped == {"dali": "skipped: missing nvidia-dali-cuda130"}  # ffcv is not in the smoke's list
-    missing_package = next(r for r in rows["pytest-gpu"] if "missing_package" in r)["missing_package"]
-    assert any("mlflow" in test for test in missing_package)
-    assert rows["e2e-torch"][0]["dali"] is None and rows["e2e-torch"][0]["mlflow"] is None
+    rows = {row["part"]: row for row in json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+            if "status" in row}
+    assert rows["e2e-dali"]["status"] == "skipped: missing nvidia-dali-cuda130"
+    assert rows["e2e-ffcv"]["status"] == "skipped: missing ffcv"
+    for part in ("pytest-gpu", "masks", "corpus", "loaders", "train-step", "e2e-torch"):
+        assert rows[part]["status"] == "ok", rows[part]
+    assert rows["e2e-torch"]["mlflow"] is None and rows["e2e-torch"]["omegaconf"] == "2.4.0"
+
+
+def test_train_without_mlflow_stops_in_validation_with_one_line(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "log.mlflow=true",
+                           f"log.runs_root={tmp_path / 'runs'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert "log.mlflow is true but mlflow is not installed here" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
 def test_check_imports_need_no_mlflow_dali_or_ffcv(tmp_path):
@@ -104,6 +120,25 @@ def test_check_imports_need_no_mlflow_dali_or_ffcv(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_gpu_test_module_that_cannot_be_collected_is_a_failure(tmp_path):
+    """A missing optional package inside a test is a missing package; a test module that cannot even
+    be imported is a failure whatever it lacks: its GPU tests would never run."""
+    (tmp_path / "test_collect.py").write_text("import mlflow_absent\n\ndef test_never():\n    pass\n")
+    (tmp_path / "test_inside.py").write_text("def test_needs_it():\n    import mlflow_absent\n")
+    (tmp_path / "test_fine.py").write_text("def test_fine():\n    pass\n")
+    options = ["-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--continue-on-collection-errors",
+               f"--junitxml={tmp_path / 'pytest-gpu.xml'}"]
+    subprocess.run([sys.executable, "-m", "pytest", *options, str(tmp_path)], cwd=tmp_path, timeout=120,
+                   capture_output=True)
+    part = gpu_check.Part("pytest-gpu", 1, [], gpu_check.read_pytest)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_check, "OPTIONAL", {"mlflow_absent"})
+        [counts] = gpu_check.read_pytest(part, tmp_path)
+    assert (counts["passed"], counts["failed"]) == (1, 1)
+    assert counts["failures"] == ["::test_collect"]
+    assert counts["missing_package"] == ["test_inside::test_needs_it (mlflow_absent)"]
 
 
 def test_wheels_install_into_a_target_the_parts_can_import(tmp_path):

@@ -30,8 +30,13 @@ BAD_FILES = 3
 
 
 def _photos() -> list[Image.Image]:
-    import mvtbdata
+    """Three real photos: mvtb-data's, else the corpus's sources (scikit-image's on a bare GPU image)."""
+    try:
+        import mvtbdata
+    except ImportError:
+        from pipelines.prepare import _corpus_photos
 
+        return [Image.open(path).convert("RGB") for path in _corpus_photos()[:3]]
     images = Path(mvtbdata.__file__).parent / "images"
     return [Image.open(images / name).convert("RGB") for name in ("flowers1.png", "church.png", "castle.png")]
 

@@ -20,12 +20,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import timm
 import torch
-from mlflow import MlflowClient
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -64,8 +62,15 @@ def args(images: Path, runs: Path, *extra: str) -> list[str]:
             *TINY, *extra]
 
 
+def mlflow_client(uri: str):
+    """An MLflow client, imported here: this module's GPU test needs no mlflow (bare GPU images lack it)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
 def mlflow_run(runs: Path, run_dir: Path):
-    client = MlflowClient(tracking.default_tracking_uri(runs))
+    client = mlflow_client(tracking.default_tracking_uri(runs))
     run_id = torch.load(run_dir / "checkpoint-last.pth", weights_only=True)["mlflow_run_id"]
     return client, client.get_run(run_id)
 
@@ -119,6 +124,8 @@ def test_full_run_writes_checkpoints_and_mlflow(images, runs):
                                             filter_string=f"source_run_id = '{run.info.run_id}'")
     mlflow_model = tracking.download_artifacts(tracking.default_tracking_uri(runs), encoder.artifact_location,
                                                run_dir / "encoder")
+    import mlflow.pyfunc
+
     assert mlflow.pyfunc.load_model(str(mlflow_model)).metadata.metadata["input_size"] == [3, 32, 32]
     exported = mlflow_model / "artifacts" / "encoder"  # the timm folder inside the MLflow model
     card = json.loads((exported / "model-card.json").read_text())
@@ -161,7 +168,7 @@ def test_gradient_accumulation_matches_one_big_batch(images, tmp_path):
         run.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients to compare
         micro = 8 // accum
         batches = iter([{"images": imgs[i:i + micro], "mask": mask[i:i + micro]} for i in range(0, 8, micro)])
-        loss = train.train_step(run, batches)["loss"]
+        loss = train.train_step(run, batches)["loss"].item()  # left on the device by the step
         grads = {n: p.grad for n, p in run.model.named_parameters() if p.grad is not None}
         results.append((loss, grads, run.step))
     (loss1, grads1, step1), (loss2, grads2, step2) = results
@@ -313,7 +320,7 @@ def test_failure_before_the_first_step_ends_the_mlflow_run_as_failed(images, run
     monkeypatch.setattr(train.Report, "log_mask_figure", figure_fails)
     with pytest.raises(OSError, match="disk full"):
         train.main(args(images, runs, "train.epochs=1", "log.run_name=early"))
-    client = MlflowClient(tracking.default_tracking_uri(runs))
+    client = mlflow_client(tracking.default_tracking_uri(runs))
     experiments = [e.experiment_id for e in client.search_experiments()]
     [run] = client.search_runs(experiments, filter_string="attributes.run_name = 'early'")
     assert run.info.status == "FAILED"
@@ -407,7 +414,7 @@ def test_mlflow_server_killed_mid_run_loses_nothing(images, tmp_path):
         sync = subprocess.run([sys.executable, "-m", "tracking", "sync", str(tmp_path / "demo")], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert sync.returncode == 0, sync.stderr
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         run_id = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)["mlflow_run_id"]
         assert run_id and run_id in sync.stdout
         run = client.get_run(run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,26 @@ class LogConfig:
     system_metrics: bool = True  # MLflow's CPU / memory / GPU metrics of the run
 
     def check(self) -> list[str]:
-        """Problems, one line each naming its key: an unwritable runs root, negative intervals."""
+        """Problems, one line each naming its key: an unwritable runs root, negative intervals, MLflow
+        asked for where it is not installed (a bare GPU image)."""
         problems = []
+        if self.mlflow and not mlflow_installed():
+            problems.append("log.mlflow is true but mlflow is not installed here: set log.mlflow=false "
+                            "(or pip install mlflow)")
         unwritable = writable_problem(self.runs_root)
         if unwritable:
             problems.append(f"log.runs_root '{self.runs_root}': {unwritable}")
         if self.every_steps < 1 or self.recon_every < 0 or self.weights_every < 0:
             problems.append("log.every_steps must be >= 1, log.recon_every and log.weights_every >= 0")
         return problems
+
+
+def mlflow_installed() -> bool:
+    """Whether mlflow can be imported here (found without importing it; an import hook may refuse it)."""
+    try:
+        return importlib.util.find_spec("mlflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def writable_problem(folder: str | Path) -> str | None:
