@@ -147,7 +147,9 @@ class TorchLoader(BaseLoader):
     def __iter__(self) -> Iterator[dict]:
         """BaseLoader's batches, made on a side CUDA stream on a GPU (`SideStream`): the copy of the next
         batch and its mask kernels overlap the current step."""
-        batches = super().__iter__()
+        return self._on_side_stream(super().__iter__())
+
+    def _on_side_stream(self, batches: Iterator[dict]) -> Iterator[dict]:
         while True:
             with self.side:
                 batch = next(batches, None)
