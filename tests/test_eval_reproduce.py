@@ -46,10 +46,10 @@ def record_pretraining(monkeypatch, mask: str, seed: int, data: dict, args) -> d
         seen["initial"] = {name: tensor.clone() for name, tensor in mae.state_dict().items()}
         forward = mae.forward
 
-        def spy_forward(images, mask=None, *rest):
+        def spy_forward(images, mask=None, *rest, **options):  # options: the step's mask_ratio, num_visible
             seen["images"].append(images.clone())
             seen["masks"].append(mask.clone())
-            return forward(images, mask, *rest)
+            return forward(images, mask, *rest, **options)
 
         mae.forward = spy_forward
         return mae
