@@ -148,8 +148,9 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 def make_step(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, public: bool = False):
     """One training step on a batch, with its own AdamW; the loss is read on the host every step.
 
-    Ours, as train.py runs it: `dtype` autocast, fused AdamW on a GPU, one host read of the loss (the
-    trainer's NaN check and logging). Public-MAE-style, as its reference loop runs: fp16 autocast with
+    Ours, as train.py runs it: `dtype` autocast, fused AdamW on a GPU, K given to the forward (no host
+    read inside it), one host read of the loss (train.py reads it once per log window: an upper bound).
+    Public-MAE-style, as its reference loop runs: fp16 autocast with
     a GradScaler on a GPU (fp32 on the CPU), AdamW's default unfused kernels, the gradients unscaled
     and their norm taken every step, the loss read with .item() and a device synchronize every step.
     """
@@ -158,10 +159,12 @@ def make_step(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, 
     if public:
         dtype = torch.float16 if cuda else torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=public)
+    options = {} if public else {"num_visible": model.visible_count(MASK_RATIO)}
 
     def step(batch: dict) -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _, _ = model(batch["images"].to(device, non_blocking=True), batch["mask"].to(device))
+            images, mask = batch["images"].to(device, non_blocking=True), batch["mask"].to(device)
+            loss, _, _ = model(images, mask, **options)
         scaler.scale(loss).backward()
         if public:
             scaler.unscale_(optimizer)
