@@ -128,9 +128,11 @@ def save_checkpoint(state: dict, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
+        # torch's zip writer reports the file's failed write (a full disk) as a RuntimeError: its context
+        cause = err.__context__ if isinstance(err, RuntimeError) else err
+        if isinstance(cause, OSError):
             kept = f"; the last good {path.name} is kept" if path.is_file() else ""
-            raise RunFailure(f"could not save {path}: {err.strerror or err}{kept}") from err
+            raise RunFailure(f"could not save {path}: {cause.strerror or cause}{kept}") from err
         raise
 
 

@@ -356,7 +356,7 @@ def dry_run(cfg: Config) -> nn.Module:
     if cfg.data.beton:
         data = f"{cfg.data.beton} (ffcv)"
     else:
-        manifest = scan(cfg.data.path, workers=cfg.data.workers or None)
+        manifest = scan(cfg.data.path, workers=cfg.data.workers or None, max_pixels=cfg.data.max_pixels)
         data = f"{len(manifest)} images in {len(manifest.classes)} classes ({manifest.num_skipped} skipped)"
     print(f"dry run: config valid; data {data}; model {cfg.model.preset} with "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; nothing trained")
@@ -378,6 +378,11 @@ def main(argv: list[str] | None = None) -> nn.Module | None:
             cfg, args = parse_args(argv)
             world = int(os.environ.get("WORLD_SIZE", 1))
             validate(cfg, world_size=world)
+            if cfg.train.device == "cuda" and not torch.cuda.is_available():  # before the lock and compute
+                cuda_check.check_driver(torch.version.cuda)  # a driver too old for the wheels says so
+                why = cuda_check.cpu_fallback_reason(torch.version.cuda)
+                raise ConfigError(f"train.device cuda (--device cuda): torch finds no CUDA device ({why}); "
+                                  "use --device cpu, or auto to train on a GPU when there is one")
             if args.dry_run:
                 return dry_run(cfg)
             lock = run_folder.hold(run_folder.path(cfg)) if rank == 0 else nullcontext()

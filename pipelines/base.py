@@ -174,7 +174,8 @@ class BaseLoader:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.drop_last = cfg.train if cfg.drop_last is None else cfg.drop_last
-        manifest = scan(cfg.data, workers=cfg.workers or None) if cfg.data or self.requires_data else None
+        needs_scan = cfg.data or self.requires_data
+        manifest = scan(cfg.data, cfg.workers or None, cfg.max_pixels) if needs_scan else None
         self.manifest: Manifest | None = manifest
         self.classes: list[str] = manifest.classes if manifest else []
         self.num_skipped: int = manifest.num_skipped if manifest else 0

@@ -46,6 +46,7 @@ class DataConfig:
     ffcv_path: str | None = None  # .beton for the ffcv loader (built from `path` when None)
     img_size: int = 224
     workers: int | None = None  # loader workers per rank; None = usable CPUs / ranks on the node
+    max_pixels: int | None = None  # larger images are skipped by the scan; None = Pillow's bomb limit
 
     @property
     def beton(self) -> str | None:
@@ -56,6 +57,8 @@ class DataConfig:
     def check(self) -> list[str]:
         """Problems, one line each naming its key (data.loader, data.path, data.workers)."""
         problems = [f"data.{problem}" for problem in _shared_problems(self.loader, self.workers)]
+        if self.max_pixels is not None and self.max_pixels < 1:
+            problems.append(f"data.max_pixels must be at least 1 or null, got {self.max_pixels}")
         if self.beton:
             return problems
         if not Path(self.path).is_dir():
@@ -86,6 +89,7 @@ class LoaderConfig:
     world_size: int = 1
     device: str = "cpu"  # "cpu" or "cuda:N"
     drop_last: bool | None = None  # default: train
+    max_pixels: int | None = None  # larger images are skipped by the scan; None = Pillow's bomb limit
 
     @classmethod
     def from_sections(cls, data: DataConfig, mask: MaskConfig | None = None, **runtime) -> LoaderConfig:
@@ -95,7 +99,7 @@ class LoaderConfig:
             "schedule": mask.schedule, "mask_ratio": mask.ratio, "mask_bank": mask.bank}
         workers = {} if data.workers is None else {"workers": data.workers}
         return cls(loader=data.loader, data=data.path, ffcv_path=data.ffcv_path, img_size=data.img_size,
-                   **workers, **masking, **runtime)
+                   max_pixels=data.max_pixels, **workers, **masking, **runtime)
 
     def check(self) -> None:
         """Raise ValueError naming each bad field and the allowed values."""

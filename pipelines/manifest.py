@@ -3,11 +3,12 @@
 The scan decodes each file once, sorts it into *good* (usable as is), *converted* (a CMYK, palette,
 RGBA, ... image re-saved as an RGB PNG in the cache folder, so every backend's decoder reads it)
 or *skipped* (zero-byte, truncated, not an image, unsupported mode, smaller than MIN_SIDE pixels,
-a dangling symlink or a symlink loop). Class folders without a usable image are not classes (a
-warning names them; labels stay dense). Nothing is written into the data folder: the result is
-cached as a small TSV in the user cache (`cache_dir_for`), and later scans only re-check files
-whose size or mtime changed. Concurrent scans of one folder (the ranks of a torchrun job) take
-turns on a lock file in the cache folder: the first validates, the others find its result cached.
+more than `max_pixels` pixels (read from the header, never decoded), a dangling symlink or a symlink
+loop). Class folders without a usable image are not classes (a warning names them; labels stay
+dense). Nothing is written into the data folder: the result is cached as a small TSV in the user
+cache (`cache_dir_for`), and later scans only re-check files whose size or mtime changed. Concurrent
+scans of one folder (the ranks of a torchrun job) take turns on a lock file in the cache folder: the
+first validates, the others find its result cached.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CONVERTIBLE_MODES = ("RGB", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "1")
 MIN_SIDE = 2  # pixels: every backend's evaluation centre crop of a smaller image is empty
+PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit: the default max_pixels
 _MANIFEST_FILE = "manifest.tsv"
 _VERSION = "colormae-manifest-v2"
 
@@ -103,12 +106,14 @@ def _list_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, items
 
 
-def _check(path: Path, converted: Path) -> tuple[str, str]:
+def _check(path: Path, converted: Path, max_pixels: int) -> tuple[str, str]:
     """Validate one file: ("ok", ""), ("convert", new path) or ("bad", reason)."""
     if path.stat().st_size == 0:
         return "bad", "zero-byte file"
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > max_pixels:
+                return "bad", f"too large ({img.width} x {img.height}; data.max_pixels is {max_pixels})"
             if img.mode not in CONVERTIBLE_MODES:
                 return "bad", f"unsupported mode {img.mode} (allowed: {', '.join(CONVERTIBLE_MODES)})"
             img.load()  # a full decode: truncated or corrupt data raises here
@@ -121,6 +126,8 @@ def _check(path: Path, converted: Path) -> tuple[str, str]:
             return "convert", str(converted)
     except UnidentifiedImageError:
         return "bad", "not an image"
+    except Image.DecompressionBombError as err:  # over twice Pillow's limit: refused by Image.open itself
+        return "bad", f"too large ({err}; data.max_pixels is {max_pixels})"
     except (OSError, SyntaxError, ValueError) as err:
         return "bad", f"corrupt or truncated ({err})"
 
@@ -137,11 +144,11 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _read_cache(path: Path) -> dict[str, tuple[str, str, str, str]]:
+def _read_cache(path: Path, header: str) -> dict[str, tuple[str, str, str, str]]:
     if not path.exists():
         return {}
     lines = path.read_text().splitlines()
-    if not lines or lines[0] != _VERSION:
+    if not lines or lines[0] != header:  # another format, or files checked against another pixel limit
         return {}
     entries = {}
     for line in lines[1:]:
@@ -150,16 +157,17 @@ def _read_cache(path: Path) -> dict[str, tuple[str, str, str, str]]:
     return entries
 
 
-def _write_cache(path: Path, entries: dict[str, tuple[str, str, str, str]]) -> None:
+def _write_cache(path: Path, header: str, entries: dict[str, tuple[str, str, str, str]]) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join([_VERSION, *("\t".join((rel, *e)) for rel, e in entries.items())]) + "\n")
+    tmp.write_text("\n".join([header, *("\t".join((rel, *e)) for rel, e in entries.items())]) + "\n")
     os.replace(tmp, path)  # atomic: concurrent ranks never see half a file
 
 
-def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: int | None
+def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: int | None, max_pixels: int
               ) -> dict[str, tuple[str, str, str, str]]:
     """(size, mtime, status, detail) per file: cached entries still valid, the rest decoded now."""
-    old = _read_cache(cache / _MANIFEST_FILE)
+    header = f"{_VERSION}\tmax_pixels={max_pixels}"
+    old = _read_cache(cache / _MANIFEST_FILE, header)
     entries: dict[str, tuple[str, str, str, str]] = {}
     todo = []
     for rel, _ in items:
@@ -175,22 +183,28 @@ def _validate(root: Path, items: list[tuple[str, int]], cache: Path, workers: in
         else:
             todo.append((rel, size, mtime))
     if todo:
-        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
-            results = pool.map(lambda t: _check(root / t[0], cache / "converted" / (t[0] + ".png")), todo)
+        converted = cache / "converted"
+        # threads: PIL decodes without the GIL; images over the limit are skipped and counted, not warned of
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            results = pool.map(lambda t: _check(root / t[0], converted / (t[0] + ".png"), max_pixels), todo)
             results = tqdm(results, total=len(todo), desc=f"scan {root}", unit="file",
                            disable=not sys.stderr.isatty())
             for (rel, size, mtime), (status, detail) in zip(todo, results, strict=True):
                 entries[rel] = (size, mtime, status, detail)
-        _write_cache(cache / _MANIFEST_FILE, entries)
+        _write_cache(cache / _MANIFEST_FILE, header, entries)
     return entries
 
 
-def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
+def scan(root: str | os.PathLike, workers: int | None = None, max_pixels: int | None = None) -> Manifest:
     """Validate every image under `root` (cached), log and return the skipped ones.
 
-    Raises DataError (a FileNotFoundError) with the expected layout when `root` is missing or
-    holds no usable image.
+    Images over `max_pixels` (default: Pillow's decompression-bomb limit) are skipped; Pillow's own
+    limit is set to the same value, so the loaders decode every image the scan keeps. Raises DataError
+    (a FileNotFoundError) with the expected layout when `root` is missing or holds no usable image.
     """
+    max_pixels = max_pixels or PILLOW_MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
     root = Path(root).expanduser().resolve()
     classes, items = _list_files(root)
     if (root / ".colormae").is_dir():
@@ -198,7 +212,7 @@ def scan(root: str | os.PathLike, workers: int | None = None) -> Manifest:
                     "torchvision's ImageFolder take it for a class)", root)
     cache = cache_dir_for(root)
     with exclusive(cache / "manifest.lock"):
-        entries = _validate(root, items, cache, workers)
+        entries = _validate(root, items, cache, workers, max_pixels)
 
     good = [(rel, label) for rel, label in items if entries[rel][2] != "bad"]
     used = sorted({label for _, label in good})

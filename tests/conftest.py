@@ -48,6 +48,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", params=[401, 403])
+def refusing_server(request) -> str:
+    """A server that answers every request as MLflow's basic-auth app answers a wrong password (or a
+    user without the permission): its address."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def refuse(self):
+            body = b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/index.html"
+            self.send_response(request.param)
+            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _no_outside_tracking_server(monkeypatch):
     """Tests use their own MLflow stores, never a server named in the caller's environment."""

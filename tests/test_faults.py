@@ -14,8 +14,10 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from torchvision.datasets import ImageFolder
 
 import tracking
 import train
+from errors import DataError
 from model.checkpoint import read_checkpoint
 from pipelines import LoaderConfig, build_loader, scan
 from run_folder import save_checkpoint
@@ -415,3 +418,75 @@ def test_kill_between_temp_write_and_rename_keeps_the_last_good_checkpoint(tmp_p
     save_checkpoint({"model": {"w": torch.ones(3)}}, path)  # the next save replaces the leftover
     assert torch.equal(read_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]
+
+
+# -- issue 20: the combinations users run (each test failed on the code before the fix) -----------
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height grey pixels but holds one row (the header is what counts)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    one_row = zlib.compress(bytes(width + 1))
+    signature = b"\x89PNG\r\n\x1a\n"
+    path.write_bytes(signature + chunk(b"IHDR", ihdr) + chunk(b"IDAT", one_row) + chunk(b"IEND", b""))
+
+
+def test_issue20_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path, random_image_folder, cache,
+                                                                     capsys, monkeypatch):
+    """Over twice Pillow's limit (Image.open refuses it) and between once and twice (Pillow only warns):
+    both skipped from their header, also by --dry-run; data.max_pixels moves the limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the scan sets it: restored after
+    data = random_image_folder(tmp_path / "data", 4)
+    png_header(data / "a" / "bomb.png", 14000, 14000)
+    png_header(data / "b" / "big.png", 12000, 12000)
+    manifest = scan(data)
+    reasons = dict(manifest.skipped)
+    assert set(reasons) == {str(Path("a/bomb.png")), str(Path("b/big.png"))} and len(manifest) == 8
+    assert all(reason.startswith("too large") for reason in reasons.values()), reasons
+    train.main(["--config", str(ROOT / "configs" / "demo.yaml"), f"data.path={data}", "--dry-run"])
+    assert "8 images in 2 classes (2 skipped)" in capsys.readouterr().out
+    assert len(scan(data, max_pixels=32 * 32)) == 8
+    with pytest.raises(DataError, match="all 10 files were skipped"):
+        scan(data, max_pixels=32 * 32 - 1)  # a new limit re-checks the cached files
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_issue20_device_cuda_without_a_gpu_is_one_line_before_any_work(images, tmp_path, capsys, cache):
+    message = fails_in_one_line(args(images, tmp_path, "train.device=cuda"), capsys)
+    assert "train.device cuda (--device cuda): torch finds no CUDA device" in message
+    nothing_left(tmp_path)
+    assert not list(tmp_path.glob(".*.lock")) and not (cache / "data").exists()  # before the lock and scan
+
+
+def test_issue20_refused_mlflow_credentials_stop_before_any_step(images, tmp_path, capsys, refusing_server):
+    message = fails_in_one_line(args(images, tmp_path, f"--mlflow-uri={refusing_server}"), capsys)
+    assert f"MLflow at {refusing_server} refused the credentials (HTTP 40" in message
+    nothing_left(tmp_path)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 64 MB tmpfs (root only): a disk that fills up for real."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_issue20_a_really_full_disk_while_saving_is_one_line(images, small_disk, capsys):
+    """torch's zip writer reports the full disk as `RuntimeError: ... unexpected pos`."""
+    argv = args(images, small_disk, "train.steps_per_epoch=1", "log.mlflow=false")
+    train.main([*argv, "train.epochs=1"])
+    last = small_disk / "demo" / "checkpoint-last.pth"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(bytes(free - 256 * 1024))  # leaves 256 KB: less than a checkpoint
+    message = fails_in_one_line([*argv, "train.epochs=2"], capsys, code=1)
+    assert f"could not save {last}: No space left on device; the last good checkpoint-last.pth is kept" \
+        in message
+    assert not list(last.parent.glob("*.tmp")) and hashlib.sha256(last.read_bytes()).hexdigest() == digest

@@ -4,7 +4,6 @@ credentials, and offline records that replay to what the live tracker logs.
 A real `mlflow server` that dies in the middle of a training run is tested in test_train.py.
 """
 
-import http.server
 import json
 import os
 import pwd
@@ -12,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -266,30 +264,6 @@ def test_a_bug_in_a_logged_value_is_raised_not_taken_for_a_dead_store(store, tmp
     tracker.close("FAILED")
     assert not tracker.offline and "unreachable" not in caplog.text
     assert MlflowClient(tracking.default_tracking_uri(store)).get_run(tracker.run_id).info.status == "FAILED"
-
-
-@pytest.fixture(scope="module", params=[401, 403])
-def refusing_server(request) -> str:
-    """An HTTP server that answers every request as MLflow's basic-auth app answers a wrong password."""
-
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def refuse(self):
-            body = b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/index.html"
-            self.send_response(request.param)
-            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = refuse
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 def test_refused_credentials_are_the_users_input_not_a_dead_server(refusing_server, tmp_path):
