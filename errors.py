@@ -12,6 +12,7 @@ and keeps its traceback. `--debug` or COLORMAE_DEBUG=1 shows the traceback of ev
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 USER_ERROR, RUNTIME_FAILURE = 2, 1
+LAUNCHER_ERROR_FILE = "COLORMAE_ERROR_FILE"  # see leave_for_launcher
 # OS errors that are the machine's state, not a bug: reported in one line with the file concerned
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
@@ -68,9 +70,20 @@ def reported(debug: bool = False, user_errors: tuple[type[BaseException], ...] =
             raise
         code, message = found
         print(f"error: {message}", file=sys.stderr, flush=True)
+        leave_for_launcher(code, f"error: {message}")
         stop = SystemExit(f"error: {message}")
         stop.code = code
         raise stop from err
+
+
+def leave_for_launcher(code: int, message: str) -> None:
+    """Append {"code", "message"} as a JSON line to the file named by $COLORMAE_ERROR_FILE when a launcher
+    set it (docker/entrypoint.py around torchrun), so the launcher can end with the trainers' message
+    and exit code instead of torchrun's ChildFailedError traceback and exit code 1."""
+    path = os.environ.get(LAUNCHER_ERROR_FILE)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"code": code, "message": message}) + "\n")
 
 
 def run_cli(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = (ValueError,

@@ -172,11 +172,11 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(t.seed + rank)
     model = build_mae(cfg.model.preset, **model_kwargs(cfg)).to(device)
-    micro_batch = t.batch_size // (world * t.accum_steps)
+    micro_batch, accum_steps = split_batch(t, world, start.ckpt if start else None)
     loader = build_loader(LoaderConfig.from_sections(
         cfg.data, cfg.mask, patch_size=model.patch_size, batch_size=micro_batch, seed=t.seed,
         rank=rank, world_size=world, device=str(device)))
-    steps_per_epoch = min(len(loader) // t.accum_steps, t.steps_per_epoch or len(loader))
+    steps_per_epoch = min(len(loader) // accum_steps, t.steps_per_epoch or len(loader))
     if steps_per_epoch < 1:
         raise ConfigError(f"data.path {cfg.data.path} has too few images for a step of {t.batch_size}")
     optimizer, scheduler = build_optimizer(
@@ -188,14 +188,19 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
     step, mlflow_run_id = 0, None
     if start is not None:
         run_folder.check_data(start, loader.manifest, loader.data_signature, accept)
-        check_resumable(start.path, start.ckpt, model.model_args, world=world,
-                        steps_per_epoch=steps_per_epoch)
+        check_resumable(start.path, start.ckpt, model.model_args, steps_per_epoch=steps_per_epoch)
         step = restore(start.ckpt, model=model, optimizer=optimizer, scaler=scaler, loader=loader, rank=rank,
-                       device=device)
+                       world=world, device=device)
         if rank == 0:
             changed = f"; changed: {start.describe()}" if start.changes else ""
             log.info("resuming from %s at epoch %d, step %d%s", start.path, start.ckpt["epoch"], step,
                      changed)
+            before, micro = len(start.ckpt["loader"]), checkpoint_micro_batch(start.ckpt)
+            if before != world:
+                log.info("elastic resume: written by %d processes (%d images x %d accumulation each), now "
+                         "%d (%d x %d); the global batch of %d is kept and the epoch goes on at its "
+                         "position", before, micro, t.batch_size // (before * micro), world, micro_batch,
+                         accum_steps, t.batch_size)
         mlflow_run_id = start.ckpt.get("mlflow_run_id") or run_folder.read_run_id(folder)  # a sync's id
     runs_root = Path(cfg.log.runs_root).resolve()
     fingerprint_ = fingerprint(cfg, loader.data_signature, steps_per_epoch=steps_per_epoch)[0]
@@ -221,29 +226,62 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
     return Run(cfg=cfg, folder=folder, rank=rank, world=world, device=device, model=model, ddp=ddp,
                loader=loader, micro_batch=micro_batch, steps_per_epoch=steps_per_epoch,
                fingerprint=fingerprint_, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
-               tracker=tracker, step=step)
+               tracker=tracker, step=step, accum_steps=accum_steps)
 
 
-def check_resumable(path: Path, ckpt: dict, model_args: dict, *, world: int, steps_per_epoch: int) -> None:
-    """Raise a UserError when this run cannot continue the checkpoint exactly."""
+def check_resumable(path: Path, ckpt: dict, model_args: dict, *, steps_per_epoch: int) -> None:
+    """Raise a UserError when this run cannot continue the checkpoint (on any number of processes)."""
     run_folder.check_same_model(ckpt, model_args, path)
-    if len(ckpt["loader"]) != world:
-        raise ConfigError(f"{path} was written by {len(ckpt['loader'])} processes and this run has "
-                          f"{world}: exact resume needs the same world size")
     if ckpt["step"] // steps_per_epoch != ckpt["epoch"]:
         raise ConfigError(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}) was written with "
                           f"another number of steps per epoch than this run's {steps_per_epoch}: "
                           "resume with the same batch size, accumulation, steps_per_epoch and data")
 
 
+def checkpoint_micro_batch(ckpt: dict) -> int:
+    """The per-process micro-batch a checkpoint was trained with (older ones: from its config)."""
+    if "micro_batch" in ckpt:
+        return ckpt["micro_batch"]
+    t = ckpt["config"]["train"]
+    return t["batch_size"] // (len(ckpt["loader"]) * t["accum_steps"])
+
+
+def split_batch(t: TrainConfig, world: int, ckpt: dict | None) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation steps) that make train.batch_size on `world` processes.
+
+    As configured (batch_size / (world x accum_steps)), unless `ckpt` was written by another number of
+    processes (an elastic restart): then the largest micro-batch up to the checkpoint's that divides
+    each process's share (memory per process stays bounded), and as many accumulation steps as keep
+    the global batch. `validate` has checked that the batch splits over `world`.
+    """
+    if ckpt is None or len(ckpt["loader"]) == world:
+        return t.batch_size // (world * t.accum_steps), t.accum_steps
+    share, before = t.batch_size // world, checkpoint_micro_batch(ckpt)
+    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= before)
+    return share // accum, accum
+
+
+def loader_state(ckpt: dict, rank: int, world: int) -> dict:
+    """This rank's loader state: its own on the same number of processes; else the epoch position the
+    ranks share, in samples (an older {"epoch", "batches"} counts batches of the checkpoint's world)."""
+    states = ckpt["loader"]
+    state = states[rank] if len(states) == world else states[0]
+    if "batches" in state and len(states) != world:
+        samples = state["batches"] * checkpoint_micro_batch(ckpt) * len(states)
+        state = {"epoch": state["epoch"], "samples": samples}
+    return state
+
+
 def restore(ckpt: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            loader: Loader, rank: int, device: torch.device) -> int:
-    """Load a checkpoint's states into the parts of this rank; returns the optimiser steps done."""
+            loader: Loader, rank: int, world: int, device: torch.device) -> int:
+    """Load a checkpoint's states into the parts of this rank, also when it was written by another number
+    of processes (the epoch goes on at its sample position); returns the optimiser steps done."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    loader.load_state_dict(ckpt["loader"][rank])
-    set_rng_state(ckpt["rng"][rank], device)
+    loader.load_state_dict(loader_state(ckpt, rank, world))
+    if rank < len(ckpt["rng"]):  # a process added by an elastic restart keeps its fresh seeds
+        set_rng_state(ckpt["rng"][rank], device)
     return ckpt["step"]
 
 
@@ -259,12 +297,13 @@ def save(run: Run, name: str) -> None:
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.step // run.steps_per_epoch, "step": run.step, "loader": [s[0] for s in per_rank],
             "rng": [s[1] for s in per_rank], "config": to_dict(run.cfg),
-            "data_signature": run.loader.data_signature, "mlflow_run_id": run.tracker.run_id},
+            "data_signature": run.loader.data_signature, "mlflow_run_id": run.tracker.run_id,
+            "micro_batch": run.micro_batch},
             run.folder / name)
 
 
 def train_step(run: Run, batches: Iterator[dict]) -> dict:
-    """One optimiser step over train.accum_steps micro-batches -> its metrics: the loss (mean over the
+    """One optimiser step over run.accum_steps micro-batches -> its metrics: the loss (mean over the
     micro-batches and ranks, a tensor left on the device: `Report.flush` reads a window of them at
     once and stops at a non-finite one), its seconds and those spent waiting for data. Nothing here
     waits for the device (fp16's GradScaler and several ranks' stop check aside)."""
@@ -272,18 +311,18 @@ def train_step(run: Run, batches: Iterator[dict]) -> dict:
     num_visible = run.model.visible_count(run.cfg.mask.ratio)  # K, static: no host read in the forward
     loss_sum = torch.zeros((), device=run.device)
     run.scheduler.step_update(run.step)
-    for micro in range(t.accum_steps):
+    for micro in range(run.accum_steps):
         fetch = time.perf_counter()
         batch = next(batches)
         images, mask = batch["images"].to(run.device, non_blocking=True), batch["mask"]
         wait += time.perf_counter() - fetch
-        last = micro == t.accum_steps - 1  # DDP all-reduces the gradients on the last micro-batch only
+        last = micro == run.accum_steps - 1  # DDP all-reduces the gradients on the last micro-batch only
         with run.ddp.no_sync() if run.world > 1 and not last else nullcontext(), \
                 torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype is not None):
             loss = run.ddp(images, mask, mask_ratio=run.cfg.mask.ratio, num_visible=num_visible)[0]
-        run.scaler.scale(loss / t.accum_steps).backward()
+        run.scaler.scale(loss / run.accum_steps).backward()
         loss_sum += loss.detach().float()
-    mean_loss = loss_sum / (t.accum_steps * run.world)
+    mean_loss = loss_sum / (run.accum_steps * run.world)
     if run.world > 1:
         dist.all_reduce(mean_loss)
     if t.clip_grad:
@@ -399,8 +438,10 @@ def main(argv: list[str] | None = None) -> nn.Module | None:
     except NonFiniteLoss as err:
         last = run_folder.path(cfg) / "checkpoint-last.pth"
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint yet"
-        raise SystemExit(f"error: {err}: stopped before the next checkpoint; {kept}. Try a lower "
-                         "train.base_lr, train.clip_grad=1.0 or train.precision=fp32, then resume.") from err
+        line = (f"error: {err}: stopped before the next checkpoint; {kept}. Try a lower train.base_lr, "
+                "train.clip_grad=1.0 or train.precision=fp32, then resume.")
+        errors.leave_for_launcher(errors.RUNTIME_FAILURE, line)
+        raise SystemExit(line) from err
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

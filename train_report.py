@@ -70,6 +70,7 @@ class Run:
     dtype: torch.dtype | None  # autocast's; None is fp32
     tracker: tracking.Tracker | None  # the MLflow run (the checkpoint's if it continues); None: no Report
     step: int = 0
+    accum_steps: int = 1  # micro-batches per step: train.accum_steps or train.split_batch's
 
 
 class Report:
@@ -92,6 +93,7 @@ class Report:
             return
         tracker.log_params({**run_params(run), "lr": cfg.lr, "micro_batch": run.micro_batch,
                             "world_size": run.world, "steps_per_epoch": run.steps_per_epoch})
+        tracker.log_metrics({"world_size": run.world}, run.step)  # from this step on: elastic resumes show
         if tracker.enabled:
             tracker.log_text(dump_config(cfg), "config.yaml")  # reruns with --config
             env = tracking.environment()
@@ -105,7 +107,7 @@ class Report:
             self.log_mask_figure()
         log.info("%s: %d epochs x %d steps of %d images (%d per rank x %d accumulation x %d ranks), lr %.2e, "
                  "%s on %s", run.folder, t.epochs, run.steps_per_epoch, t.batch_size, run.micro_batch,
-                 t.accum_steps, run.world, cfg.lr, run.dtype or "fp32",
+                 run.accum_steps, run.world, cfg.lr, run.dtype or "fp32",
                  cuda_check.device_summary(t.device, run.device))
 
     def keep_sample(self, batches: Iterator[dict]) -> Iterator[dict]:

@@ -18,16 +18,27 @@ Node ranks are assigned by the c10d rendezvous, so nodes need no NODE_RANK.
 Stopping: SIGTERM (`docker stop`) and SIGUSR1 (SLURM's time limit) go straight to the trainers,
 which finish their step, save checkpoint-last.pth and exit 0, so torchrun and this process exit 0
 too (torchrun itself would pass the signal on but then exit 1). Other signals go to torchrun.
+
+Failing: a trainer's expected failure (a bad config, a batch that does not split over the processes
+of an elastic restart, ...) is also written to a file this process names in COLORMAE_ERROR_FILE;
+after torchrun's own report (a ChildFailedError traceback, exit 1) this process repeats that
+`error: ...` message last and exits with the trainer's code (2: the input, 1: run time).
+
+Elastic jobs (NNODES=MIN:MAX, MAX_RESTARTS >= 1): after a node is lost, torchrun restarts the
+trainers on the nodes left, and train.py resumes checkpoint-last.pth on the new number of processes
+(the global batch kept; see train.py's split_batch).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +49,7 @@ TRAIN_SCRIPT = str(Path(__file__).resolve().parent.parent / "train.py")
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # The trainers' own stop signals (train.py saves a checkpoint and exits 0 on them).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+ERROR_FILE = "COLORMAE_ERROR_FILE"  # where the trainers leave their one-line errors (errors.py)
 
 
 def visible_gpus() -> int:
@@ -104,8 +116,20 @@ def build_command(argv: Sequence[str], env: Mapping[str, str], gpus: int | None 
 
 
 def supervise(command: Sequence[str]) -> int:
-    """Run torchrun as a child, passing signals on (see the module notes); returns its exit status."""
-    launcher = subprocess.Popen(command, process_group=0)  # a terminal's Ctrl-C reaches it once, via us
+    """Run torchrun as a child, passing signals on (see the module notes); returns its exit status, or a
+    trainer's code after repeating its `error:` line (see the module notes)."""
+    with tempfile.TemporaryDirectory(prefix="colormae-") as folder:
+        errors_file = Path(folder) / "errors"
+        status = _run_torchrun(command, {**os.environ, ERROR_FILE: str(errors_file)})
+        lines = errors_file.read_text().splitlines() if status and errors_file.is_file() else []
+    failures = [json.loads(line) for line in lines]
+    for message in dict.fromkeys(failure["message"] for failure in failures):
+        print(message, file=sys.stderr, flush=True)  # each rank and restart wrote it: each message once
+    return failures[0]["code"] if failures else status
+
+
+def _run_torchrun(command: Sequence[str], env: Mapping[str, str]) -> int:
+    launcher = subprocess.Popen(command, process_group=0, env=env)  # a terminal's Ctrl-C reaches it once
 
     def forward(signum: int, frame: object) -> None:
         try:

@@ -42,7 +42,7 @@ TINY = ["model.args={depth: 1, decoder_depth: 1}", "train.batch_size=8", "data.w
         "train.warmup_epochs=1", "log.every_steps=1"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 CONTRACT_KEYS = {"model", "model_args", "optimizer", "scaler", "epoch", "step", "loader", "rng", "config",
-                 "data_signature", "mlflow_run_id"}
+                 "data_signature", "mlflow_run_id", "micro_batch"}
 
 
 @pytest.fixture(scope="module")
