@@ -13,8 +13,10 @@ are decoded and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -91,8 +93,10 @@ class DALILoader(BaseLoader):
     def _pipeline(self):
         if self._pipe is None:
             cfg = self.cfg
+            loader = weakref.proxy(self)  # weak: the pipeline must not keep its loader alive (no cycle)
             self._pipe = image_pipeline(
-                self._source, self._mask_source if self.masks else None, img_size=cfg.img_size,
+                lambda info: loader._source(info),
+                (lambda info: loader._mask_source(info)) if self.masks else None, img_size=cfg.img_size,
                 gpu=self.gpu, batch_size=cfg.batch_size, num_threads=max(cfg.workers, 1),
                 device_id=(self.device.index or 0) if self.gpu else None)
             self._pipe.build()
@@ -139,14 +143,15 @@ class DALILoader(BaseLoader):
                     outputs = pipe.run()
                 except StopIteration:
                     ended = True
-                    return
+                    break
                 images, labels, *mask = (to_torch_tensor(out.as_tensor(), copy=True) for out in outputs)
                 yield images, labels.long().view(-1), mask[0].view(len(labels), -1) if mask else None
         finally:
             self._plan = []  # an epoch stopped early: the sources end the pass at their next call
-            while not ended:  # take the batches already in flight, so the next pass starts clean
-                try:
-                    pipe.run()
-                except StopIteration:
-                    ended = True
-            pipe.reset()
+            with contextlib.suppress(ReferenceError):  # collected with its loader: nothing to hand over
+                while not ended:  # take the batches already in flight, so the next pass starts clean
+                    try:
+                        pipe.run()
+                    except StopIteration:
+                        ended = True
+                pipe.reset()

@@ -104,8 +104,8 @@ def train_args(images: Path, runs: Path, *extra: str) -> list[str]:
             "log.recon_every=0", "log.run_name=elastic", *extra]
 
 
-def worker(record: Path, images: Path, stop_at: int = 0, pause_at: int = 0) -> list[str]:
-    return [str(WORKER), str(record), str(images.parent / "colours.json"), str(stop_at), str(pause_at)]
+def worker(record: Path, images: Path, stop_at: int = 0) -> list[str]:
+    return [str(WORKER), str(record), str(images.parent / "colours.json"), str(stop_at)]
 
 
 def launch(processes: int, record: Path, images: Path, runs: Path, stop_at: int = 0):
@@ -148,7 +148,7 @@ def one_mlflow_run(runs: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("before", "after"), [(1, 2)])  # 2 -> 1: the elastic job test below
+@pytest.mark.parametrize(("before", "after"), [(1, 2)])  # 2 -> 1: the loader invariant above
 def test_a_run_stopped_mid_epoch_goes_on_with_another_number_of_processes(flat_images, tmp_path, before,
                                                                           after):
     record, runs = tmp_path / "record.jsonl", tmp_path / "runs"
