@@ -42,7 +42,7 @@ def recording_step(run, batches):
 
     metrics = real_step(run, read())
     entry = {"restart": restart, "world": run.world, "rank": run.rank, "step": run.step, "ids": ids,
-             "loss": metrics["loss"]}
+             "loss": float(metrics["loss"])}
     with open(record, "a") as f:
         f.write(json.dumps(entry) + "\n")
     if run.step == stop_at and run.rank == 0:
