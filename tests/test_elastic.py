@@ -2,18 +2,22 @@
 
 The invariant, for every N, M in {1, 2, 3}: over an interrupted epoch, every sample of the epoch's order
 is read exactly once in total, the masks of the remaining batches are those of (seed, rank, epoch,
-index) under the new world. End to end (slow): 1 -> 2 processes under torchrun, and the one line of a
-batch that does not split.
+index) under the new world. End to end (slow): 1 -> 2 processes under torchrun, the one line of a
+batch that does not split, and an elastic job of two torchrun agents that loses one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -27,6 +31,7 @@ from pipelines.base import epoch_order
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "elastic_worker.py"
 IMAGES, GLOBAL_BATCH = 24, 6  # 4 steps per epoch on 1, 2 or 3 processes
+LAST_CALL = 20  # seconds a rendezvous waits for more agents: the second joins, the restart goes alone
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -104,8 +109,8 @@ def train_args(images: Path, runs: Path, *extra: str) -> list[str]:
             "log.recon_every=0", "log.run_name=elastic", *extra]
 
 
-def worker(record: Path, images: Path, stop_at: int = 0) -> list[str]:
-    return [str(WORKER), str(record), str(images.parent / "colours.json"), str(stop_at)]
+def worker(record: Path, images: Path, stop_at: int = 0, pause_at: int = 0) -> list[str]:
+    return [str(WORKER), str(record), str(images.parent / "colours.json"), str(stop_at), str(pause_at)]
 
 
 def launch(processes: int, record: Path, images: Path, runs: Path, stop_at: int = 0):
@@ -180,3 +185,64 @@ def test_a_batch_that_does_not_split_ends_with_the_one_line_under_torchrun(flat_
     assert "ChildFailedError" in done.stderr  # torchrun's own report comes first
     assert done.stderr.endswith("error: invalid configuration:\n  - train.batch_size 5 is not divisible by "
                                 "world size 2 x train.accum_steps 1\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, seconds: float, what: str, logs) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {seconds} s:\n{logs()}")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_an_elastic_job_finishes_on_the_node_left_after_losing_one(flat_images, tmp_path):
+    """Two torchrun agents (c10d rendezvous on loopback, --nnodes=1:2, --max-restarts=1), one process
+    each; the agent that does not host the rendezvous is killed with its trainer in the middle of
+    epoch 1: the other restarts alone from the last checkpoint and finishes, each epoch reading each
+    image once, into one MLflow run."""
+    record, runs, port = tmp_path / "record.jsonl", tmp_path / "runs", free_port()
+
+    def agent(hosts: bool) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+                   "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                   "--rdzv-id=elastic-test", "--local-addr=127.0.0.1",
+                   f"--rdzv-conf=is_host={int(hosts)},last_call_timeout={LAST_CALL}",
+                   *worker(record, flat_images, pause_at=7), *train_args(flat_images, runs)]
+        with open(tmp_path / f"agent-{'host' if hosts else 'other'}.log", "w") as log:
+            return subprocess.Popen(command, cwd=ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT)
+
+    def logs() -> str:
+        return "\n".join(path.read_text()[-3000:] for path in sorted(tmp_path.glob("agent-*.log")))
+
+    agents = [agent(hosts=True)]
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 120, "rendezvous store", logs)
+        agents.append(agent(hosts=False))
+        paused = [Path(f"{record}.paused-{rank}") for rank in (0, 1)]
+        wait_for(lambda: all(p.exists() for p in paused), 300, "pause before step 7 on both nodes", logs)
+        lost = psutil.Process(agents[1].pid)
+        for process in [lost, *lost.children(recursive=True)]:  # the node goes: its agent and trainer
+            process.send_signal(signal.SIGKILL)
+        agents[1].wait()
+        Path(f"{record}.go").touch()
+        agents[0].wait(timeout=400)
+    finally:
+        for process in agents:
+            if process.poll() is None:
+                process.kill()
+    assert agents[0].returncode == 0, logs()
+    check_each_epoch_reads_each_image_once(record)
+    entries = [json.loads(line) for line in record.read_text().splitlines()]
+    assert {(e["restart"], e["world"]) for e in entries} == {(0, 2), (1, 1)}
+    assert min(e["step"] for e in entries if e["restart"] == 1) == 5  # from the checkpoint of epoch 0
+    client, run = one_mlflow_run(runs)
+    world = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size"))
+    assert world == [(0, 2), (4, 1)]
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == set(range(1, 9))
