@@ -253,7 +253,7 @@ def test_trainer_container_logs_to_the_mlflow_container_with_basic_auth(
     assert status == 0 and "tracking:" not in log, log[-4000:]
 
     (run,) = client.search_runs([experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["data.path"] == "/data"
+    assert run.info.status == "FINISHED" and run.data.params["data.path"] == "../data"  # beside /runs
     steps = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "loss"))
     assert steps == [1, 2, 3, 4]
     assert {item.path for item in client.list_artifacts(run.info.run_id, "figures")} == {"figures/masks.png"}

@@ -171,8 +171,10 @@ def test_a_loader_left_out_of_the_install_is_named_with_its_set_up(monkeypatch):
     from errors import UserError
     from pipelines import LoaderConfig, build_loader
 
-    for module in ("ffcv", "nvidia.dali"):
-        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    # imports fail as if not installed, also of submodules an earlier test loaded
+    loaded = [name for name in sys.modules if name.startswith(("ffcv.", "nvidia.dali."))]
+    for module in {"ffcv", "nvidia.dali", *loaded}:
+        monkeypatch.setitem(sys.modules, module, None)
     for loader in ("ffcv", "dali"):
         monkeypatch.delitem(sys.modules, f"pipelines.{loader}_loader", raising=False)
         with pytest.raises(UserError, match=rf"data.loader {loader} needs the package .*: make setup-gpu "

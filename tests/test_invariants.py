@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import run_folder
 import train
 from model import MaskedAutoencoderViT
 from model.checkpoint import read_checkpoint
@@ -57,11 +58,13 @@ def args(images: Path, runs: Path, *extra: str) -> list[str]:
 RANKS_SCRIPT = """
 import os, random, sys
 import numpy as np, torch
+import run_folder
 import train
 
 out, *argv = sys.argv[1:]
 rank = int(os.environ["RANK"])
-run = train.build(train.parse_args(argv)[0])  # resumes from the checkpoint
+cfg = train.parse_args(argv)[0]
+run = train.build(cfg, run_folder.resume_point(cfg, None, world=int(os.environ["WORLD_SIZE"])))
 torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
            os.path.join(out, f"rng-{rank}.pt"))
 batch = torch.load(os.path.join(out, "batch.pt"))
@@ -74,6 +77,13 @@ torch.distributed.destroy_process_group()
 """
 # The step after the resume: 1 of 1000 cosine steps without warm-up, so the lr is the peak (to 3e-6).
 AFTER = ("train.epochs=1000", "train.steps_per_epoch=1")
+
+
+def resumed(argv: list[str], accept: tuple[str, ...] = ()) -> train.Run:
+    """The run that `argv` continues from its run folder's checkpoint, built as train.main builds it
+    (`accept`: changed keys continued on purpose, as --continue-with)."""
+    cfg = train.parse_args(argv)[0]
+    return train.build(cfg, run_folder.resume_point(cfg, None, world=1, accept=accept), accept)
 
 
 def global_batch() -> dict[str, torch.Tensor]:
@@ -129,7 +139,7 @@ def test_a_resume_restores_the_cuda_random_state(images, tmp_path):
     train.main(args(images, tmp_path, *options))
     saved = torch.load(tmp_path / "demo" / "checkpoint-last.pth", weights_only=True)["rng"][0]["cuda"]
     torch.cuda.manual_seed(12345)
-    train.build(train.parse_args(args(images, tmp_path, "train.device=cuda", *AFTER))[0])
+    resumed(args(images, tmp_path, "train.device=cuda", *AFTER))
     assert torch.equal(torch.cuda.get_rng_state(), saved)
 
 
@@ -142,7 +152,7 @@ def test_one_step_leaves_the_same_weights_however_the_global_batch_is_split(imag
     for accum in (1, 2):
         runs = tmp_path / str(accum)
         shutil.copytree(two_ranks / "one", runs)
-        run = train.build(train.parse_args(args(images, runs, *AFTER, f"train.accum_steps={accum}"))[0])
+        run = resumed(args(images, runs, *AFTER, f"train.accum_steps={accum}"), accept=("train.accum_steps",))
         micro = GLOBAL_BATCH // accum
         train.train_step(run, iter([{k: v[i:i + micro] for k, v in batch.items()}
                                     for i in range(0, GLOBAL_BATCH, micro)]))

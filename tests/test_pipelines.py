@@ -104,8 +104,10 @@ def test_manifest_reports_bad_files_and_converts_odd_modes(folder):
 
 
 def test_ffcv_beton_records_classes_and_skips(folder, eval_epochs):
-    (meta,) = scan(folder).cache_dir.glob("ffcv-*.beton.json")
-    expected = {"classes": ["class0", "class1", "class2"], "num_skipped": BAD_FILES}
+    manifest = scan(folder)
+    (meta,) = manifest.cache_dir.glob("ffcv-*.beton.json")
+    expected = {"classes": ["class0", "class1", "class2"], "num_skipped": BAD_FILES,
+                "signature": manifest.signature(), "num_images": len(manifest)}
     assert json.loads(meta.read_text()) == expected
 
 
@@ -414,10 +416,10 @@ def test_concurrent_scans_validate_each_file_once(tmp_path, monkeypatch):
         photo.save(tmp_path / f"c{i % 2}" / f"{i}.jpg")
     checked, real_check = [], manifest_module._check
 
-    def slow_check(path, converted):
+    def slow_check(path, *rest):
         checked.append(path)
         threading.Event().wait(0.02)  # long enough for the scans to overlap without the lock
-        return real_check(path, converted)
+        return real_check(path, *rest)
 
     monkeypatch.setattr(manifest_module, "_check", slow_check)
     results = [None] * 3

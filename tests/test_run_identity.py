@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OTHER = {"model.preset": "vit_tiny", "model.args": "{depth: 2, decoder_depth: 1}", "data.img_size": "64",
          "mask.schedule": "blue", "train.epochs": "1", "train.steps_per_epoch": "3", "train.min_lr": "1e-6",
          "train.betas": "[0.9,0.99]", "train.clip_grad": "1.0", "train.precision": "fp32",
-         "train.device": "cpu"}
+         "train.device": "cpu", "data.max_pixels": "1000000"}
 
 
 @pytest.fixture(scope="module")
