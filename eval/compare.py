@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and usage errors answer here, before pandas and torch load (seconds)
     cli.answer_early(build_parser())
 
+from pipelines.cache import matplotlib_config
+
+matplotlib_config()  # a font cache that lasts, also where HOME is not writable
+
 import matplotlib
 import pandas as pd
 from scipy import stats

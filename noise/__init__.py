@@ -3,8 +3,9 @@
 Defaults (all configurable, and stored with every cached bank):
 - textures: 5 filter steps, each followed by exact rank normalisation; red/blue sigma 1.0,
   green/purple sigmas (0.5, 2.0), in texture cells (``noise.textures``);
-- banks: 64 textures of 64 x 64 per colour, seed 0, cached as npz in ``$COLORMAE_CACHE/banks``
-  or ``~/.cache/colormae/banks`` (``noise.bank``); all five generate in about a second on 2 cores;
+- banks: 64 textures of 64 x 64 per colour, seed 0, cached as npz in the user cache's ``banks/``
+  (``$COLORMAE_CACHE``, else ``~/.cache/colormae``: ``noise.bank``); all five generate in about a
+  second on 2 cores;
 - filter: the sampled Gaussian kernel of ``scipy.ndimage.gaussian_filter(mode="wrap")``, applied by FFT;
 - masks: per-sample texture, offset (wrap-around for generated banks, in bounds for the authors'
   files) and flips; the masks of a batch are a pure function of (seed, rank, epoch, batch index)

@@ -17,6 +17,7 @@ from noise.textures import (
     check_colour,
     colour_noise,
 )
+from pipelines.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ DEFAULT_SIZE = 64  # M: a 14 x 14 crop has 64 * 64 offsets (wrap-around) x 4 fli
 
 
 def default_cache_dir() -> Path:
-    """``$COLORMAE_CACHE/banks`` when that variable is set, else ``~/.cache/colormae/banks``."""
-    root = os.environ.get("COLORMAE_CACHE")
-    return Path(root) / "banks" if root else Path.home() / ".cache" / "colormae" / "banks"
+    """``banks`` in the user cache (``pipelines.cache.cache_root``: ``$COLORMAE_CACHE``, else
+    ``$XDG_CACHE_HOME/colormae``, else ``~/.cache/colormae``, else a temporary folder)."""
+    return cache_root() / "banks"
 
 
 def bank_params(

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and usage errors answer here, before torch and matplotlib load
     build_parser().parse_args()
 
+from pipelines.cache import matplotlib_config
+
+matplotlib_config()  # a font cache that lasts, also where HOME is not writable
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

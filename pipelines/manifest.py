@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from errors import DataError
 
+from .cache import cache_root
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -63,13 +65,6 @@ class Manifest:
         lines = (f"{f}\t{y}" for f, y in zip(self.files, self.labels, strict=True))
         digest = hashlib.sha1("\n".join(lines).encode())
         return digest.hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    """``$COLORMAE_CACHE``, else ``$XDG_CACHE_HOME/colormae``, else ``~/.cache/colormae``."""
-    if os.environ.get("COLORMAE_CACHE"):
-        return Path(os.environ["COLORMAE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "colormae"
 
 
 def cache_dir_for(root: Path) -> Path:

@@ -30,8 +30,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _data_caches_in_a_temporary_folder(tmp_path_factory):
-    """Manifests and .beton files of the tests' folders go to a folder deleted with the session
-    (pattern banks stay in their own cache: COLORMAE_CACHE is left as it is)."""
+    """Manifests, .beton files and pattern banks go to a folder deleted with the session (where a
+    test does not set COLORMAE_CACHE)."""
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
