@@ -40,6 +40,7 @@ import torch
 
 import tracking
 from configs import Config, ConfigError, flatten
+from configs.config import TrainConfig
 from configs.fingerprint import DATA_SIGNATURE, WORLD_SIZE, is_resumable
 from errors import RunFailure, UserError
 from model.checkpoint import CheckpointError, read_checkpoint
@@ -286,3 +287,49 @@ def data_changes(run_dir: Path, manifest: Manifest | None) -> str:
 def _text(value: Any) -> str:
     """A value as an override writes it (null for None)."""
     return "null" if value is None else str(value)
+
+
+# --- resuming on any number of processes (elastic) -------------------------------------------
+
+
+def check_resumable(path: Path, ckpt: dict, model_args: dict, *, steps_per_epoch: int) -> None:
+    """Raise a UserError when this run cannot continue the checkpoint (on any number of processes)."""
+    check_same_model(ckpt, model_args, path)
+    if ckpt["step"] // steps_per_epoch != ckpt["epoch"]:
+        raise ConfigError(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}) was written with "
+                          f"another number of steps per epoch than this run's {steps_per_epoch}: "
+                          "resume with the same batch size, accumulation, steps_per_epoch and data")
+
+
+def checkpoint_micro_batch(ckpt: dict) -> int:
+    """The per-process micro-batch a checkpoint was trained with (older ones: from its config)."""
+    if "micro_batch" in ckpt:
+        return ckpt["micro_batch"]
+    t = ckpt["config"]["train"]
+    return t["batch_size"] // (len(ckpt["loader"]) * t["accum_steps"])
+
+
+def split_batch(t: TrainConfig, world: int, ckpt: dict | None) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation steps) that make train.batch_size on `world` processes.
+
+    As configured (batch_size / (world x accum_steps)), unless `ckpt` was written by another number of
+    processes (an elastic restart): then the largest micro-batch up to the checkpoint's that divides
+    each process's share (memory per process stays bounded), and as many accumulation steps as keep
+    the global batch. `validate` has checked that the batch splits over `world`.
+    """
+    if ckpt is None or len(ckpt["loader"]) == world:
+        return t.batch_size // (world * t.accum_steps), t.accum_steps
+    share, before = t.batch_size // world, checkpoint_micro_batch(ckpt)
+    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= before)
+    return share // accum, accum
+
+
+def loader_state(ckpt: dict, rank: int, world: int) -> dict:
+    """This rank's loader state: its own on the same number of processes; else the epoch position the
+    ranks share, in samples (an older {"epoch", "batches"} counts batches of the checkpoint's world)."""
+    states = ckpt["loader"]
+    state = states[rank] if len(states) == world else states[0]
+    if "batches" in state and len(states) != world:
+        samples = state["batches"] * checkpoint_micro_batch(ckpt) * len(states)
+        state = {"epoch": state["epoch"], "samples": samples}
+    return state

@@ -172,7 +172,7 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(t.seed + rank)
     model = build_mae(cfg.model.preset, **model_kwargs(cfg)).to(device)
-    micro_batch, accum_steps = split_batch(t, world, start.ckpt if start else None)
+    micro_batch, accum_steps = run_folder.split_batch(t, world, start.ckpt if start else None)
     loader = build_loader(LoaderConfig.from_sections(
         cfg.data, cfg.mask, patch_size=model.patch_size, batch_size=micro_batch, seed=t.seed,
         rank=rank, world_size=world, device=str(device)))
@@ -188,14 +188,14 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
     step, mlflow_run_id = 0, None
     if start is not None:
         run_folder.check_data(start, loader.manifest, loader.data_signature, accept)
-        check_resumable(start.path, start.ckpt, model.model_args, steps_per_epoch=steps_per_epoch)
+        run_folder.check_resumable(start.path, start.ckpt, model.model_args, steps_per_epoch=steps_per_epoch)
         step = restore(start.ckpt, model=model, optimizer=optimizer, scaler=scaler, loader=loader, rank=rank,
                        world=world, device=device)
         if rank == 0:
             changed = f"; changed: {start.describe()}" if start.changes else ""
             log.info("resuming from %s at epoch %d, step %d%s", start.path, start.ckpt["epoch"], step,
                      changed)
-            before, micro = len(start.ckpt["loader"]), checkpoint_micro_batch(start.ckpt)
+            before, micro = len(start.ckpt["loader"]), run_folder.checkpoint_micro_batch(start.ckpt)
             if before != world:
                 log.info("elastic resume: written by %d processes (%d images x %d accumulation each), now "
                          "%d (%d x %d); the global batch of %d is kept and the epoch goes on at its "
@@ -229,49 +229,6 @@ def build(cfg: Config, start: run_folder.Start | None = None, accept: tuple[str,
                tracker=tracker, step=step, accum_steps=accum_steps)
 
 
-def check_resumable(path: Path, ckpt: dict, model_args: dict, *, steps_per_epoch: int) -> None:
-    """Raise a UserError when this run cannot continue the checkpoint (on any number of processes)."""
-    run_folder.check_same_model(ckpt, model_args, path)
-    if ckpt["step"] // steps_per_epoch != ckpt["epoch"]:
-        raise ConfigError(f"{path} (epoch {ckpt['epoch']}, step {ckpt['step']}) was written with "
-                          f"another number of steps per epoch than this run's {steps_per_epoch}: "
-                          "resume with the same batch size, accumulation, steps_per_epoch and data")
-
-
-def checkpoint_micro_batch(ckpt: dict) -> int:
-    """The per-process micro-batch a checkpoint was trained with (older ones: from its config)."""
-    if "micro_batch" in ckpt:
-        return ckpt["micro_batch"]
-    t = ckpt["config"]["train"]
-    return t["batch_size"] // (len(ckpt["loader"]) * t["accum_steps"])
-
-
-def split_batch(t: TrainConfig, world: int, ckpt: dict | None) -> tuple[int, int]:
-    """(per-process micro-batch, accumulation steps) that make train.batch_size on `world` processes.
-
-    As configured (batch_size / (world x accum_steps)), unless `ckpt` was written by another number of
-    processes (an elastic restart): then the largest micro-batch up to the checkpoint's that divides
-    each process's share (memory per process stays bounded), and as many accumulation steps as keep
-    the global batch. `validate` has checked that the batch splits over `world`.
-    """
-    if ckpt is None or len(ckpt["loader"]) == world:
-        return t.batch_size // (world * t.accum_steps), t.accum_steps
-    share, before = t.batch_size // world, checkpoint_micro_batch(ckpt)
-    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= before)
-    return share // accum, accum
-
-
-def loader_state(ckpt: dict, rank: int, world: int) -> dict:
-    """This rank's loader state: its own on the same number of processes; else the epoch position the
-    ranks share, in samples (an older {"epoch", "batches"} counts batches of the checkpoint's world)."""
-    states = ckpt["loader"]
-    state = states[rank] if len(states) == world else states[0]
-    if "batches" in state and len(states) != world:
-        samples = state["batches"] * checkpoint_micro_batch(ckpt) * len(states)
-        state = {"epoch": state["epoch"], "samples": samples}
-    return state
-
-
 def restore(ckpt: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
             loader: Loader, rank: int, world: int, device: torch.device) -> int:
     """Load a checkpoint's states into the parts of this rank, also when it was written by another number
@@ -279,7 +236,7 @@ def restore(ckpt: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer, s
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    loader.load_state_dict(loader_state(ckpt, rank, world))
+    loader.load_state_dict(run_folder.loader_state(ckpt, rank, world))
     if rank < len(ckpt["rng"]):  # a process added by an elastic restart keeps its fresh seeds
         set_rng_state(ckpt["rng"][rank], device)
     return ckpt["step"]

@@ -70,7 +70,7 @@ class Run:
     dtype: torch.dtype | None  # autocast's; None is fp32
     tracker: tracking.Tracker | None  # the MLflow run (the checkpoint's if it continues); None: no Report
     step: int = 0
-    accum_steps: int = 1  # micro-batches per step: train.accum_steps or train.split_batch's
+    accum_steps: int = 1  # micro-batches per step: train.accum_steps or run_folder.split_batch's
 
 
 class Report:

@@ -26,7 +26,7 @@ after torchrun's own report (a ChildFailedError traceback, exit 1) this process 
 
 Elastic jobs (NNODES=MIN:MAX, MAX_RESTARTS >= 1): after a node is lost, torchrun restarts the
 trainers on the nodes left, and train.py resumes checkpoint-last.pth on the new number of processes
-(the global batch kept; see train.py's split_batch).
+(the global batch kept; see run_folder.split_batch).
 """
 
 from __future__ import annotations
