@@ -7,7 +7,6 @@ cache then lives in the temporary folder, said once in a warning, and COLORMAE_C
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import tempfile
@@ -40,9 +39,9 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-@functools.cache
 def _outside_home(home: Path) -> Path:
-    """`<temporary folder>/colormae-<uid>`, when this uid owns it and can write it."""
+    """`<temporary folder>/colormae-<uid>`, when this uid owns it and can write it; set as COLORMAE_CACHE,
+    so later calls and child processes (the ffcv writer) use it without saying it again."""
     folder = Path(tempfile.gettempdir()) / f"colormae-{os.getuid()}"
     where = f"{home} (HOME={os.environ.get('HOME', 'unset')})"
     if not (_writable(folder) and folder.lstat().st_uid == os.getuid()):
@@ -50,6 +49,7 @@ def _outside_home(home: Path) -> Path:
                         "to a writable folder")
     log.warning("cannot write the cache folder %s: using %s instead; set COLORMAE_CACHE to a lasting "
                 "writable folder", where, folder)
+    os.environ["COLORMAE_CACHE"] = str(folder)
     return folder
 
 
