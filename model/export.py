@@ -49,6 +49,7 @@ import timm
 from timm.models import save_for_hf
 from timm.models._hub import generate_readme
 
+from errors import run_cli
 from model.checkpoint import CARD_FILE, ENCODER_KEYS
 from model.presets import DEFAULTS, PRESETS
 from model.pretrained import read_pretrained
@@ -180,13 +181,10 @@ def export(source: str, out_dir: str | Path, tracking_uri: str | None = None) ->
 def main(argv: list[str] | None = None) -> Path:
     """Command line: --checkpoint SOURCE -> --out DIR."""
     args = build_parser().parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, args.mlflow_uri)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    out = export(args.checkpoint, args.out, args.mlflow_uri)
     print(f"exported the encoder to {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a missing or unreadable source is one line, exit 2, as for the evaluations

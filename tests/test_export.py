@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from model import build_mae, load_encoder
 from model.checkpoint import CARD_FILE, WEIGHTS_FILE
-from model.export import encoder_name, export, main, save_mlflow_model
+from model.export import encoder_name, export, save_mlflow_model
 from model.pretrained import read_pretrained
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, eval_crop_fraction
 
@@ -95,8 +95,10 @@ def test_mlflow_model_predicts_the_encoder_features_and_reads_back(exported, tmp
 
 
 def test_export_command_line_errors_are_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"error: checkpoint .*missing\.pth does not exist"):
-        main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "out")])
+    missing = tmp_path / "missing.pth"
+    done = subprocess.run([sys.executable, "-m", "model.export", "--checkpoint", str(missing), "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, f"error: checkpoint {missing} does not exist\n")
     with pytest.raises(FileNotFoundError, match="is not an exported encoder"):
         load_encoder(tmp_path)
     usage = subprocess.run([sys.executable, "-m", "model.export", "--help"], cwd=ROOT, capture_output=True,
