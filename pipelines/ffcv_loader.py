@@ -12,7 +12,9 @@ An epoch that stops early closes ffcv's epoch iterator (its thread and batch buf
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
@@ -98,4 +100,7 @@ class FFCVLoader(BaseLoader):
                 yield images, labels, None
         finally:  # also when the epoch stops early: the thread ends and its buffers are freed
             iterator.close()
+            while iterator.is_alive():  # its end-of-epoch put waits for room in a full queue: make some
+                with suppress(Empty):
+                    iterator.output_queue.get(timeout=0.1)
             iterator.join()
