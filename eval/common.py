@@ -25,7 +25,7 @@ from configs.fingerprint import digest_of
 from model import load_encoder
 from model.pretrained import read_pretrained
 from pipelines import scan
-from tracking import Tracker, resolve_uri
+from tracking import Tracker, resolve_uri, standard_tags
 
 EVALUATION_TAG = "colormae.evaluation"  # hash of probe, parameters, checkpoint epoch and data digests
 SUMMARY_TAG = "colormae.evaluation_summary"  # the same in words, for eval.compare's report
@@ -161,7 +161,8 @@ def open_tracker(args: argparse.Namespace, checkpoint: dict, evaluation: str, *,
     summary = (", ".join(f"{key}={value}" for key, value in params.items()) + "; data: "
                + ", ".join(split.describe() for split in data))
     identity = {**params, **{f"data.{split.split}": f"{split.name}:{split.digest}" for split in data}}
-    tags = {"pretrain_run_id": run_id, MLFLOW_PARENT_RUN_ID: run_id, "evaluation": evaluation,
+    tags = {**standard_tags(f"eval.{evaluation}"),  # the run page's Source and Created by
+            "pretrain_run_id": run_id, MLFLOW_PARENT_RUN_ID: run_id, "evaluation": evaluation,
             "checkpoint": checkpoint["path"], "mask": config.get("mask.schedule", ""),
             "seed": config.get("train.seed", ""), EVALUATION_TAG: digest_of(identity), SUMMARY_TAG: summary}
     tracker = Tracker(uri, experiment, run_name=f"{evaluation}-{run_id[:8]}", tags=tags,

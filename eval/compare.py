@@ -57,7 +57,7 @@ import matplotlib.pyplot as plt
 from configs.fingerprint import DATA_SIGNATURE, STEPS_PER_EPOCH, is_fingerprinted
 from errors import run_cli
 from eval.common import EVALUATION_TAG, SUMMARY_TAG
-from tracking import Tracker, resolve_uri
+from tracking import Tracker, resolve_uri, standard_tags
 
 ALPHA = 0.05
 NO_SPREAD = 1e-12  # a standard deviation below this is none (float noise of equal values)
@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     paths = write_report(comparisons, notes, Path(args.out), args.baseline,
                          f"{args.experiment}: mask comparisons", args.metrics)
     if comparisons:
-        tracker = Tracker(uri, args.experiment, run_name="compare", tags={"evaluation": "compare"})
+        tags = {"evaluation": "compare", **standard_tags("eval.compare")}  # Source and Created by
+        tracker = Tracker(uri, args.experiment, run_name="compare", tags=tags)
         for path in paths:
             tracker.log_artifact(path, artifact_path="comparison")
         tracker.close()

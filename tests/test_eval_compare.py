@@ -85,6 +85,8 @@ def test_mean_std_per_mask_and_the_logged_report(tmp_path, filled):
 
     client = store.client
     [compare_run] = client.search_runs([store.experiment_id], "tags.evaluation = 'compare'")
+    tags = compare_run.data.tags
+    assert tags["mlflow.source.name"] == "eval.compare" and tags["mlflow.user"]
     logged = {a.path for a in client.list_artifacts(compare_run.info.run_id, "comparison")}
     assert {"comparison/comparison.md", "comparison/1-knn_top1.png", "comparison/2-seg_miou.png"} <= logged
     store.compare(tmp_path / "again")  # an earlier compare run is not a sample

