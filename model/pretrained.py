@@ -45,14 +45,17 @@ def read_pretrained(source: str | Path, expect_preset: str | None = None,
 
 
 def read_folder(folder: Path) -> dict:
-    """An export folder (config.json, model.safetensors, model-card.json), or an MLflow model around one."""
+    """An export folder (config.json, model.safetensors, model-card.json), or an MLflow model around one
+    (its MLmodel names the run that logged it: the run of a card written offline, before a sync)."""
+    run_id = None
     if (folder / "MLmodel").is_file():  # model.export.save_mlflow_model: the export is its `encoder` artifact
-        flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
-        folder = folder / flavor["artifacts"]["encoder"]["path"]
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+        run_id = mlmodel.get("run_id")
+        folder = folder / mlmodel["flavors"]["python_function"]["artifacts"]["encoder"]["path"]
     state, card = read_encoder(folder)
     return {"model": state, "model_args": card["model_args"], "config": card.get("config"),
             "epoch": card.get("epochs", 0), "step": card.get("steps", 0),
-            "mlflow_run_id": card.get("pretraining_run_id"), "final_loss": card.get("final_loss"),
+            "mlflow_run_id": card.get("pretraining_run_id") or run_id, "final_loss": card.get("final_loss"),
             "fingerprint": card.get("fingerprint")}
 
 

@@ -9,6 +9,7 @@ the image's entrypoint (torchrun, one CPU process).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -200,3 +201,36 @@ def run_count_in_postgres(uri: str, experiment_id: str) -> int:
             connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(experiment_id),))
         return cursor.fetchone()[0]
+
+
+def test_offline_run_syncs_into_the_auth_server_and_exports_its_encoder(mlflow_server, tmp_path, monkeypatch,
+                                                                        random_image_folder):
+    """A run trained while the server was down: a sync with a wrong password is one line (exit 2) and
+    keeps the records; with the right one the run, its encoder included, is on the server, where
+    `model.export --checkpoint runs:/ID` finds it (a server has no checkpoint to fall back to)."""
+    import train
+
+    url, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the dead server: one refused connection
+    data, run_dir = random_image_folder(tmp_path / "images", 8), tmp_path / "runs" / "offline"
+    train.main(["--config", str(ROOT / "configs" / "demo.yaml"), f"data.path={data}", "data.workers=0",
+                "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=4", "train.steps_per_epoch=2",
+                "model.args={depth: 1, decoder_depth: 1}", f"log.runs_root={tmp_path / 'runs'}",
+                "log.run_name=offline", f"--mlflow-uri=http://127.0.0.1:{free_port()}"])
+    sync = [str(Path(sys.executable).parent / "colormae-tracking"), "sync", str(run_dir), "--mlflow-uri", url]
+    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": "wrong-password"}
+    refused = subprocess.run(sync, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: MLflow at {url} refused the credentials (HTTP 401)")
+    assert (run_dir / "mlflow-offline.jsonl").is_file()  # kept for the right password
+
+    env["MLFLOW_TRACKING_PASSWORD"] = ADMIN[1]
+    synced = subprocess.run(sync, env=env, capture_output=True, text=True, timeout=120)
+    assert synced.returncode == 0, synced.stderr
+    run_id = synced.stdout.split()[-1]
+    export = [sys.executable, "-m", "model.export", "--checkpoint", f"runs:/{run_id}", "--mlflow-uri", url,
+              "--out", str(tmp_path / "exported")]
+    exported = subprocess.run(export, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    card = json.loads((tmp_path / "exported" / "model-card.json").read_text())
+    assert (card["pretraining_run_id"], card["steps"]) == (run_id, 2)
