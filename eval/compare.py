@@ -83,10 +83,14 @@ def fetch_runs(experiment: str, uri: str) -> pd.DataFrame:
     tags.*.
 
     Reads through its own client, so the process-wide tracking URI stays as it is. An experiment
-    without runs gives an empty frame; a missing experiment a ValueError naming the ones there are.
+    without runs gives an empty frame; a missing experiment or SQLite store a ValueError (the client
+    would create an empty store: compare never writes one).
     """
     from mlflow.tracking import MlflowClient
 
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if database is not None and not database.is_file():
+        raise ValueError(f"no MLflow store at {database}: train first, or name the store with --mlflow-uri")
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

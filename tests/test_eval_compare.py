@@ -115,6 +115,11 @@ def test_missing_experiment_and_unknown_metric_are_clear_errors(tmp_path, filled
         compare.main(["--experiment", "missing", "--mlflow-uri", store.uri, "--out", str(tmp_path)])
     with pytest.raises(ValueError, match=r"metrics \['top5'\] are not in experiment 'colours'"):
         store.compare(tmp_path, "--metrics", "top5")
+    missing = tmp_path / "absent.db"
+    with pytest.raises(ValueError, match=f"no MLflow store at {missing}: train first"):
+        compare.main(["--experiment", "colours", "--mlflow-uri", f"sqlite:///{missing}", "--out",
+                      str(tmp_path / "out")])
+    assert not missing.exists()  # no empty store left behind
 
 
 def test_two_fingerprints_are_never_pooled(tmp_path, uri):
