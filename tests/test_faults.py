@@ -205,16 +205,21 @@ def test_item4_resume_with_another_model_size_is_one_line(trained, tmp_path, cap
 
 @pytest.mark.slow
 def test_item4_eval_commands_are_one_line(tmp_path, images, capsys, monkeypatch):
+    from mlflow import MlflowClient
+
     from errors import run_cli
     from eval import compare, knn
 
     missing = tmp_path / "missing.pth"
     store = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(store).search_experiments()  # a store without the experiment
     for main, argv, expected in [
         (knn.main, ["--checkpoint", str(missing), "--data", str(images)],
          f"checkpoint {missing} does not exist"),
         (compare.main, ["--experiment", "nope", "--mlflow-uri", store, "--out", str(tmp_path)],
          "experiment 'nope'"),
+        (compare.main, ["--experiment", "nope", "--mlflow-uri", f"sqlite:///{tmp_path}/absent.db", "--out",
+                        str(tmp_path)], f"no MLflow store at {tmp_path}/absent.db"),
     ]:
         monkeypatch.setattr(sys, "argv", ["eval", *argv])
         with pytest.raises(SystemExit) as err:
