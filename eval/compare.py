@@ -57,7 +57,7 @@ import matplotlib.pyplot as plt
 from configs.fingerprint import DATA_SIGNATURE, STEPS_PER_EPOCH, is_fingerprinted
 from errors import run_cli
 from eval.common import EVALUATION_TAG, SUMMARY_TAG
-from tracking import Tracker, resolve_uri, standard_tags
+from tracking import Tracker, resolve_uri, sqlite_file, standard_tags
 
 ALPHA = 0.05
 NO_SPREAD = 1e-12  # a standard deviation below this is none (float noise of equal values)
@@ -88,7 +88,7 @@ def fetch_runs(experiment: str, uri: str) -> pd.DataFrame:
     """
     from mlflow.tracking import MlflowClient
 
-    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    database = sqlite_file(uri)
     if database is not None and not database.is_file():
         raise ValueError(f"no MLflow store at {database}: train first, or name the store with --mlflow-uri")
     client = MlflowClient(tracking_uri=uri)

@@ -102,11 +102,13 @@ def model_location(client, uri: str) -> str | None:
 
 def _run_checkpoint(client, uri: str, tracking_uri: str) -> dict:
     """The checkpoint a run recorded (tag `checkpoint`, relative to its runs root: the store's folder)."""
+    import tracking
+
     run = client.get_run(uri.removeprefix("runs:/").strip("/").partition("/")[0])
     checkpoint = run.data.tags.get("checkpoint")
-    if not checkpoint or not tracking_uri.startswith("sqlite:///"):
+    database = tracking.sqlite_file(tracking_uri)
+    if not checkpoint or database is None:
         raise CheckpointError(f"{uri} logged no encoder and its checkpoint is not found from {tracking_uri}")
-    runs_root = Path(tracking_uri.removeprefix("sqlite:///")).parent
-    found = read_checkpoint(runs_root / checkpoint)
+    found = read_checkpoint(database.parent / checkpoint)
     return {**found, "final_loss": run.data.metrics.get("loss"),
             "fingerprint": run.data.tags.get("colormae.fingerprint")}

@@ -29,6 +29,7 @@ from tracking.store import (
     download_artifacts,
     open_client,
     resolve_uri,
+    sqlite_file,
     ui_command,
     ui_url,
 )
@@ -37,5 +38,5 @@ from tracking.tracker import Tracker
 
 __all__ = ["OFFLINE_FILE", "RUN_ID_FILE", "CredentialsRefused", "LogConfig", "Tracker", "apply",
            "default_tracking_uri", "download_artifacts", "environment", "git_commit", "nvidia_smi",
-           "open_client", "open_run", "resolve_uri", "standard_tags", "sync", "ui_command", "ui_url",
-           "user_name"]
+           "open_client", "open_run", "resolve_uri", "sqlite_file", "standard_tags", "sync", "ui_command",
+           "ui_url", "user_name"]

@@ -40,6 +40,11 @@ def default_tracking_uri(runs_root: str | Path) -> str:
     return f"sqlite:///{Path(runs_root).resolve()}/mlflow.db"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store (`sqlite:///PATH`); None for any other URI."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def resolve_uri(uri: str | None, runs_root: str | Path) -> str:
     """`uri`, else MLFLOW_TRACKING_URI, else the embedded SQLite store in `runs_root`."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_root)
@@ -49,10 +54,11 @@ def ui_command(uri: str) -> str:
     """How to look at the runs: `colormae-tracking ui` for a local SQLite store, the address for a server."""
     if uri.startswith("http"):
         return f"open {uri} in a browser"
-    if uri.startswith("sqlite:///"):
+    database = sqlite_file(uri)
+    if database is not None:
         import cli  # here: cli imports configs, which imports this package
 
-        return cli.command("colormae-tracking", "ui", str(Path(uri.removeprefix("sqlite:///")).parent))
+        return cli.command("colormae-tracking", "ui", str(database.parent))
     return f"mlflow ui --backend-store-uri {uri}"
 
 
@@ -81,7 +87,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 def artifacts_root(uri: str) -> Path:
     """Where a SQLite store's served artifacts live: mlartifacts/ beside mlflow.db."""
-    return Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR
+    return sqlite_file(uri).parent / ARTIFACTS_DIR
 
 
 def artifact_repository(uri: str, artifact_uri: str):
